@@ -1,0 +1,5 @@
+"""The `meshnode` command."""
+
+from .main import main
+
+__all__ = ["main"]

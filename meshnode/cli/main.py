@@ -1,0 +1,178 @@
+"""`meshnode` command line: start a node, and manage deployments on a running one."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+from meshnode import __version__
+
+from .client import AdminClient, CliError
+from .table import table
+
+__all__ = ["main"]
+
+
+def _start(args: argparse.Namespace) -> int:
+    from meshnode.http import serve
+    from meshnode.node import ConfigError, load_config
+
+    from .logs import configure_logging
+
+    flags = {"host": args.host, "http_port": args.http_port, "name": args.name,
+             "data_dir": args.data_dir, "models": tuple(args.model or ()),
+             "log_format": args.log_format, "log_level": args.log_level, "grace_s": args.grace}
+    try:
+        config = load_config(flags, config_file=args.config)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    configure_logging(config.log_format, config.log_level)
+    try:
+        import uvloop
+        run = uvloop.run
+    except ImportError:
+        run = asyncio.run
+    try:
+        run(serve(config))
+    except OSError as exc:
+        raise CliError(f"cannot start the node: {exc}. Is another node using port "
+                       f"{config.http_port}? Choose another with --http-port.") from None
+    return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    client = AdminClient(args.endpoint)
+    body: dict[str, object] = {"model": args.model, "replicas": args.replicas}
+    if args.name:
+        body["name"] = args.name
+    if args.engine:
+        body["engine"] = args.engine
+    if args.chat_template:
+        body["chat_template"] = Path(args.chat_template).read_text()
+    view = client.request("POST", "/v1/deployments", body)
+    name = view["name"]
+    if args.no_wait:
+        print(f"launched {name} ({view['status']})")
+        return 0
+    return _wait(client, name, args.timeout)
+
+
+def _wait(client: AdminClient, name: str, timeout_s: float) -> int:
+    spinner = "|/-\\"
+    start = time.monotonic()
+    tty = sys.stdout.isatty()
+    i = 0
+    while True:
+        view = client.request("GET", f"/v1/deployments/{name}")
+        status = view["status"]
+        states = ", ".join(f"{p['node']}: {p['state']}" for p in view["placed"]) or "unplaced"
+        elapsed = time.monotonic() - start
+        line = f"{spinner[i % 4]} {name}: {status} ({states}) {elapsed:5.1f}s"
+        if tty:
+            print("\r" + line.ljust(78), end="", flush=True)
+        elif i % 10 == 0:
+            print(line, flush=True)
+        if status in ("ready", "partial"):
+            print(f"\r{name} is {status} after {elapsed:.1f}s".ljust(78 if tty else 0))
+            if view["message"]:
+                print(f"note: {view['message']}")
+            return 0
+        if status == "failed":
+            print()
+            raise CliError(f"{name} failed to load: {view['message']}")
+        if elapsed > timeout_s:
+            print()
+            raise CliError(f"{name} is still {status} after {timeout_s:.0f}s; "
+                           f"`meshnode ps` shows its progress")
+        i += 1
+        time.sleep(0.2)
+
+
+def _ps(args: argparse.Namespace) -> int:
+    data = AdminClient(args.endpoint).request("GET", "/v1/deployments")["data"]
+    if not data:
+        print("no deployments: `meshnode launch MODEL` starts one")
+        return 0
+    rows = []
+    for d in data:
+        where = ", ".join(f"{p['node']}({p['state']})" for p in d["placed"]) or "-"
+        ready = sum(p["state"] == "ready" for p in d["placed"])
+        rows.append([d["name"], d["model"], d["engine"], f"{ready}/{d['replicas']}",
+                     d["status"], where, d["message"] or ""])
+    print(table(["NAME", "MODEL", "ENGINE", "READY", "STATUS", "REPLICAS", "MESSAGE"], rows))
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    AdminClient(args.endpoint).request("DELETE", f"/v1/deployments/{args.name}")
+    print(f"stopped {args.name}")
+    return 0
+
+
+def _catalogue(args: argparse.Namespace) -> int:
+    data = AdminClient(args.endpoint).request("GET", "/v1/catalogue")["data"]
+    rows = [[m["name"], ",".join(m["abilities"]), m["context_length"], ",".join(m["formats"]),
+             f"{m['size_mb']} MB", m["description"]] for m in data]
+    print(table(["NAME", "ABILITIES", "CONTEXT", "FORMATS", "SIZE", "DESCRIPTION"], rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshnode", description=(
+        "A peer-to-peer model-serving mesh with one OpenAI-compatible endpoint."))
+    parser.add_argument("--version", action="version", version=f"meshnode {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("start", help="run a node")
+    p.add_argument("--host", help="address the HTTP API binds (default 127.0.0.1)")
+    p.add_argument("--http-port", type=int, help="HTTP API port (default 7700)")
+    p.add_argument("--name", help="this node's name (default: the host name)")
+    p.add_argument("--data-dir", help="models, logs and state (default ~/.local/share/meshnode)")
+    p.add_argument("--model", action="append", metavar="NAME",
+                   help="launch this model at start (repeatable); a catalogue name or a .gguf path")
+    p.add_argument("--log-format", choices=["console", "json"])
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--grace", type=float, metavar="SECONDS",
+                   help="time in-flight requests get to finish on shutdown (default 10)")
+    p.add_argument("--config", metavar="FILE", help="TOML config file (or MESHNODE_CONFIG)")
+    p.set_defaults(func=_start)
+
+    def client_parser(name: str, help_: str) -> argparse.ArgumentParser:
+        q = sub.add_parser(name, help=help_)
+        q.add_argument("--endpoint", help="a node's URL (default http://127.0.0.1:7700, "
+                                          "or MESHNODE_ENDPOINT)")
+        return q
+
+    p = client_parser("launch", "launch a model on the mesh and wait until it is ready")
+    p.add_argument("model", help="a catalogue name (see `meshnode catalogue`) or a .gguf path")
+    p.add_argument("--name", help="deployment name requests will use (default: the model name)")
+    p.add_argument("--engine", help="force an engine: llama.cpp, transformers, vllm, sglang, mlx")
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template to use")
+    p.add_argument("--no-wait", action="store_true", help="return once launched")
+    p.add_argument("--timeout", type=float, default=900.0, metavar="SECONDS")
+    p.set_defaults(func=_launch)
+
+    p = client_parser("ps", "list deployments and where their replicas run")
+    p.set_defaults(func=_ps)
+    p = client_parser("stop", "stop a deployment")
+    p.add_argument("name")
+    p.set_defaults(func=_stop)
+    p = client_parser("catalogue", "list the models this node knows")
+    p.set_defaults(func=_catalogue)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except CliError as exc:
+        print(f"meshnode: {exc}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)

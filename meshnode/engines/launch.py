@@ -1,0 +1,36 @@
+"""What the node tells an engine process to load, passed to it as JSON on its command line."""
+
+from __future__ import annotations
+
+import msgspec
+
+__all__ = ["EngineLaunch", "ENGINE_NAMES"]
+
+# Names used by --engine, the deployments API and the engine query.
+ENGINE_NAMES = ("llama.cpp", "transformers", "vllm", "sglang", "mlx")
+
+
+class EngineLaunch(msgspec.Struct, frozen=True, kw_only=True):
+    engine: str
+    """One of ENGINE_NAMES."""
+    model_path: str
+    """A GGUF file (llama.cpp) or a model folder (the others)."""
+    served_name: str
+    """The name responses carry in their `model` field: the deployment's name."""
+    context_length: int = 4096
+    """Context window in tokens; KV cache memory grows linearly with it."""
+    abilities: tuple[str, ...] = ("chat", "completion")
+    """What the model may be asked: chat, completion, embed, rerank."""
+    chat_template: str | None = None
+    """A Jinja chat template overriding the model's own; None uses the model's (if any)."""
+    threads: int = 0
+    """CPU threads for generation; 0 = all cores."""
+    max_queue: int = 64
+    """Requests waiting for the engine beyond this get 503: a bounded queue, not a growing one."""
+
+    def to_json(self) -> str:
+        return msgspec.json.encode(self).decode()
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "EngineLaunch":
+        return msgspec.json.decode(text, type=cls)

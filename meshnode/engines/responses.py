@@ -1,0 +1,115 @@
+"""OpenAI response bodies and stream chunks, built once per event and encoded with msgspec.
+
+Stream invariants (checked by the tests against OpenAI's schemas): one id and one integer
+`created` for the whole stream; the first chunk carries the role; `finish_reason` is null
+until one final chunk; with include_usage every chunk has `usage: null` and a last chunk with
+empty `choices` carries the usage; the stream ends with `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+
+from .base import Finish
+
+__all__ = ["ChatStream", "CompletionStream", "error_body", "sse", "SSE_DONE"]
+
+_encode = msgspec.json.Encoder().encode
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + _encode(obj) + b"\n\n"
+
+
+def usage(finish: Finish | None, prompt: int = 0, completion: int = 0) -> dict[str, int]:
+    if finish is not None:
+        prompt, completion = finish.prompt_tokens, finish.completion_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def error_body(message: str, type_: str = "invalid_request_error",
+               param: str | None = None, code: str | None = None) -> bytes:
+    return _encode({"error": {"message": message, "type": type_, "param": param, "code": code}})
+
+
+class _Stream:
+    object_: str
+    prefix: str
+
+    def __init__(self, request_id: str, model: str, include_usage: bool) -> None:
+        self.id = f"{self.prefix}-{request_id}"
+        self.created = int(time.time())
+        self.model = model
+        self.include_usage = include_usage
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        chunk: dict[str, Any] = {"id": self.id, "object": self.object_, "created": self.created,
+                                 "model": self.model, "system_fingerprint": None,
+                                 "choices": choices}
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def usage_chunk(self, finish: Finish) -> bytes:
+        chunk = self._chunk([])
+        chunk["usage"] = usage(finish)
+        return sse(chunk)
+
+
+class ChatStream(_Stream):
+    object_ = "chat.completion.chunk"
+    prefix = "chatcmpl"
+
+    def first(self) -> bytes:
+        return sse(self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                 "logprobs": None, "finish_reason": None}]))
+
+    def delta(self, text: str) -> bytes:
+        return sse(self._chunk([{"index": 0, "delta": {"content": text},
+                                 "logprobs": None, "finish_reason": None}]))
+
+    def last(self, finish: Finish) -> bytes:
+        return sse(self._chunk([{"index": 0, "delta": {}, "logprobs": None,
+                                 "finish_reason": finish.reason}]))
+
+    def response(self, text: str, finish: Finish) -> bytes:
+        return _encode({
+            "id": self.id, "object": "chat.completion", "created": self.created,
+            "model": self.model, "system_fingerprint": None,
+            "choices": [{"index": 0,
+                         "message": {"role": "assistant", "content": text, "refusal": None},
+                         "logprobs": None, "finish_reason": finish.reason}],
+            "usage": usage(finish),
+        })
+
+
+class CompletionStream(_Stream):
+    object_ = "text_completion"
+    prefix = "cmpl"
+
+    def first(self) -> bytes:
+        return b""
+
+    def delta(self, text: str, index: int = 0) -> bytes:
+        return sse(self._chunk([{"index": index, "text": text, "logprobs": None,
+                                 "finish_reason": None}]))
+
+    def last(self, finish: Finish, index: int = 0) -> bytes:
+        return sse(self._chunk([{"index": index, "text": "", "logprobs": None,
+                                 "finish_reason": finish.reason}]))
+
+    def response(self, texts: list[str], finishes: list[Finish]) -> bytes:
+        prompt = sum(f.prompt_tokens for f in finishes)
+        completion = sum(f.completion_tokens for f in finishes)
+        return _encode({
+            "id": self.id, "object": "text_completion", "created": self.created,
+            "model": self.model, "system_fingerprint": None,
+            "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": f.reason}
+                        for i, (t, f) in enumerate(zip(texts, finishes))],
+            "usage": usage(None, prompt, completion),
+        })

@@ -1,0 +1,278 @@
+"""OpenAI request bodies, as the node and the engine host both decode them.
+
+Field order follows OpenAI's reference (CreateChatCompletionRequest, CreateCompletionRequest).
+Unknown fields are ignored, as OpenAI-compatible servers do, but fields we know and cannot
+honour (n > 1, tools, logprobs, ...) are refused with a 400 naming the parameter: nothing a
+client asked for is dropped silently.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+from msgspec import Meta
+
+from .errors import InvalidRequest
+
+__all__ = [
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "CompletionRequest",
+    "EmbeddingRequest",
+    "ImagePart",
+    "SamplingParams",
+    "StreamOptions",
+    "TextPart",
+    "decode_request",
+]
+
+Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
+Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
+TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
+PositiveInt = Annotated[int, Meta(ge=1)]
+MAX_STOP_SEQUENCES = 4
+
+
+class TextPart(msgspec.Struct, tag_field="type", tag="text", frozen=True):
+    text: str
+
+
+class ImagePart(msgspec.Struct, tag_field="type", tag="image_url", frozen=True):
+    image_url: dict[str, Any]
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart | ImagePart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """The message's text; image parts are refused before this is called."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content if isinstance(part, TextPart))
+
+
+class StreamOptions(msgspec.Struct, frozen=True):
+    include_usage: bool = False
+
+
+class ResponseFormat(msgspec.Struct, frozen=True):
+    type: str
+    json_schema: dict[str, Any] | None = None
+
+
+class SamplingParams(msgspec.Struct, frozen=True):
+    """What an engine needs to generate, once the request has been checked."""
+
+    max_tokens: int | None
+    temperature: float
+    top_p: float
+    stop: tuple[str, ...]
+    seed: int | None
+    frequency_penalty: float
+    presence_penalty: float
+    top_k: int
+    min_p: float
+    repeat_penalty: float
+
+
+class _Common(msgspec.Struct, frozen=True, kw_only=True):
+    model: str
+    frequency_penalty: Penalty = 0.0
+    logit_bias: dict[str, float] | None = None
+    n: Annotated[int, Meta(ge=1, le=128)] = 1
+    presence_penalty: Penalty = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    user: str | None = None
+    # Extensions that llama.cpp, vLLM and SGLang also accept.
+    top_k: Annotated[int, Meta(ge=0)] = 40
+    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
+    repeat_penalty: Annotated[float, Meta(gt=0.0)] = 1.0
+
+    def _check_common(self) -> None:
+        if self.n != 1:
+            raise InvalidRequest("only n=1 is supported", param="n")
+        if self.logit_bias:
+            raise InvalidRequest("logit_bias is not supported yet", param="logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequest("stream_options is only allowed with stream=true",
+                                 param="stream_options")
+        stops = self.stops()
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise InvalidRequest(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed",
+                                 param="stop")
+        if any(s == "" for s in stops):
+            raise InvalidRequest("stop sequences must not be empty", param="stop")
+
+    def stops(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def _params(self, max_tokens: int | None) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stop=self.stops(),
+            seed=self.seed,
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repeat_penalty=self.repeat_penalty,
+        )
+
+
+class ChatCompletionRequest(_Common, frozen=True, kw_only=True):
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+
+    def check(self) -> None:
+        """Refuse what cannot be honoured; raises InvalidRequest."""
+        self._check_common()
+        if self.logprobs or self.top_logprobs:
+            raise InvalidRequest("logprobs are not supported yet", param="logprobs")
+        if self.tools:
+            raise InvalidRequest("tools are not supported yet", param="tools")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise InvalidRequest(
+                f"response_format {self.response_format.type!r} is not supported yet",
+                param="response_format",
+            )
+        if self.max_tokens is not None and self.max_completion_tokens is not None \
+                and self.max_tokens != self.max_completion_tokens:
+            raise InvalidRequest("max_tokens and max_completion_tokens disagree",
+                                 param="max_completion_tokens")
+        for i, message in enumerate(self.messages):
+            if message.role == "tool":
+                raise InvalidRequest("tool messages are not supported yet",
+                                     param=f"messages[{i}].role")
+            if isinstance(message.content, list):
+                for j, part in enumerate(message.content):
+                    if isinstance(part, ImagePart):
+                        raise InvalidRequest("image input is not supported by this model",
+                                             param=f"messages[{i}].content[{j}]")
+            elif message.content is None and message.role != "assistant":
+                raise InvalidRequest("content is required", param=f"messages[{i}].content")
+
+    def sampling(self) -> SamplingParams:
+        return self._params(self.max_completion_tokens or self.max_tokens)
+
+
+class CompletionRequest(_Common, frozen=True, kw_only=True):
+    prompt: str | list[Any]
+    echo: bool = False
+    logprobs: int | None = None
+    max_tokens: Annotated[int, Meta(ge=0)] | None = 16
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def check(self) -> None:
+        self._check_common()
+        if self.logprobs:
+            raise InvalidRequest("logprobs are not supported yet", param="logprobs")
+        if self.echo:
+            raise InvalidRequest("echo is not supported yet", param="echo")
+        if self.suffix:
+            raise InvalidRequest("suffix (fill-in-the-middle) is not supported yet",
+                                 param="suffix")
+        if self.best_of not in (None, 1):
+            raise InvalidRequest("only best_of=1 is supported", param="best_of")
+        prompts = self.prompts()
+        if not prompts:
+            raise InvalidRequest("prompt must not be empty", param="prompt")
+        if len(prompts) > 1 and self.stream:
+            raise InvalidRequest("streaming supports a single prompt", param="prompt")
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: text, or token ids (InvalidRequest for anything else)."""
+        return _inputs(self.prompt, "prompt")
+
+    def sampling(self) -> SamplingParams:
+        return self._params(self.max_tokens)
+
+
+def _is_ids(x: Any) -> bool:
+    return isinstance(x, list) and all(type(t) is int for t in x)
+
+
+def _inputs(value: str | list[Any], param: str) -> list[str | list[int]]:
+    """Normalise OpenAI's string | strings | token ids | lists of token ids."""
+    if isinstance(value, str):
+        return [value]
+    if value and _is_ids(value):
+        return [list(value)]
+    if all(isinstance(x, str) or (_is_ids(x) and x) for x in value):
+        return list(value)
+    raise InvalidRequest(
+        f"{param} must be a string, a list of strings, a list of token ids or a list of "
+        "lists of token ids", param=param)
+
+
+class EmbeddingRequest(msgspec.Struct, frozen=True, kw_only=True):
+    input: str | list[Any]
+    model: str
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Meta(ge=1)] | None = None
+    user: str | None = None
+
+    def inputs(self) -> list[str | list[int]]:
+        return _inputs(self.input, "input")
+
+    def check(self) -> None:
+        if not self.inputs() or any(x == "" for x in self.inputs()):
+            raise InvalidRequest("input must not be empty", param="input")
+
+
+_decoders: dict[type, msgspec.json.Decoder] = {}
+
+
+T = TypeVar("T")
+
+
+def decode_request(body: bytes, cls: type[T]) -> T:
+    """Decode and check a request body; every failure is an InvalidRequest naming the param."""
+    decoder = _decoders.get(cls)
+    if decoder is None:
+        decoder = _decoders[cls] = msgspec.json.Decoder(cls)
+    try:
+        request = decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(str(exc), param=_param_of(str(exc))) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    check = getattr(request, "check", None)
+    if check is not None:
+        check()
+    return request
+
+
+def _param_of(message: str) -> str | None:
+    # msgspec ends a validation message with "- at `$.messages[0].role`".
+    marker = "- at `$."
+    at = message.rfind(marker)
+    if at < 0:
+        if message.startswith("Object missing required field `"):
+            return message.split("`")[1]
+        return None
+    return message[at + len(marker):].rstrip("`")

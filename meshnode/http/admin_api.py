@@ -1,0 +1,66 @@
+"""Admin routes: deployments (launch, list, describe, scale, stop), catalogue, health."""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+from aiohttp import web
+
+from meshnode import __version__
+from meshnode.engines import decode_request
+from meshnode.node import LaunchRequest, ScaleRequest
+
+from .keys import NODE
+
+__all__ = ["routes"]
+
+routes = web.RouteTableDef()
+_encode = msgspec.json.Encoder().encode
+
+
+def _json(obj: object, status: int = 200) -> web.Response:
+    return web.Response(body=_encode(obj), status=status, content_type="application/json")
+
+
+@routes.post("/v1/deployments")
+async def launch(request: web.Request) -> web.Response:
+    req = decode_request(await request.read(), LaunchRequest)
+    view = await request.app[NODE].launch(req)
+    return _json(view, status=201)
+
+
+@routes.get("/v1/deployments")
+async def list_deployments(request: web.Request) -> web.Response:
+    return _json({"object": "list", "data": request.app[NODE].views()})
+
+
+@routes.get("/v1/deployments/{name}")
+async def get_deployment(request: web.Request) -> web.Response:
+    return _json(request.app[NODE].view(request.match_info["name"]))
+
+
+@routes.patch("/v1/deployments/{name}")
+async def scale(request: web.Request) -> web.Response:
+    req = decode_request(await request.read(), ScaleRequest)
+    return _json(await request.app[NODE].scale(request.match_info["name"], req.replicas))
+
+
+@routes.delete("/v1/deployments/{name}")
+async def stop(request: web.Request) -> web.Response:
+    return _json(await request.app[NODE].stop(request.match_info["name"]))
+
+
+@routes.get("/v1/catalogue")
+async def catalogue(request: web.Request) -> web.Response:
+    return _json({"object": "list", "data": request.app[NODE].catalogue()})
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    return _json({"status": "ok", "node": node.name, "version": __version__,
+                  "uptime_s": round(time.time() - node.started, 3),
+                  "deployments": {v.name: v.status for v in node.views()}})
+
+

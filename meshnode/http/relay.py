@@ -1,0 +1,60 @@
+"""Pass a request to an engine's OpenAI server and its answer back, chunk by chunk.
+
+Streamed bytes are not re-encoded: each chunk the engine writes is written to the client as
+it arrives, and the client's TCP backpressure reaches the engine through the socket. A client
+that goes away cancels this handler (handler_cancellation), which closes the upstream
+connection, which cancels generation in the engine.
+"""
+
+from __future__ import annotations
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from meshnode.node import Replica
+
+from .middleware import REQUEST_ID
+
+__all__ = ["relay"]
+
+_encode = msgspec.json.Encoder().encode
+_UPSTREAM_DOWN = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError)
+
+
+async def relay(request: web.Request, replica: Replica, path: str, body: bytes,
+                served_by: str) -> web.StreamResponse:
+    session = replica.session()
+    rid = request[REQUEST_ID]
+    headers = {"X-Request-Id": rid, "Content-Type": "application/json"}
+    out_headers = {"X-Request-Id": rid, "X-Served-By": served_by}
+    replica.in_flight += 1
+    try:
+        try:
+            upstream = await session.post("http://engine" + path, data=body, headers=headers)
+        except _UPSTREAM_DOWN as exc:
+            raise replica.process.crashed() if replica.process else exc from exc
+        async with upstream:
+            if upstream.content_type != "text/event-stream":
+                try:
+                    data = await upstream.read()
+                except _UPSTREAM_DOWN as exc:
+                    raise replica.process.crashed() if replica.process else exc from exc
+                if "Retry-After" in upstream.headers:
+                    out_headers["Retry-After"] = upstream.headers["Retry-After"]
+                return web.Response(status=upstream.status, body=data,
+                                    content_type=upstream.content_type, headers=out_headers)
+            response = web.StreamResponse(status=upstream.status, headers={
+                **out_headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await response.prepare(request)
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+            except _UPSTREAM_DOWN:
+                await response.write(b"data: " + _encode({"error": {
+                    "message": "the engine stopped while streaming; retry the request",
+                    "type": "server_error", "param": None, "code": "engine_crashed"}}) + b"\n\n")
+            await response.write_eof()
+            return response
+    finally:
+        replica.in_flight -= 1

