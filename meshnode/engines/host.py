@@ -49,6 +49,7 @@ class Host:
         self.engine: Engine | None = None
         self.load_error: str | None = None
         self.waiting = 0
+        self.fingerprint = f"meshnode-{launch.engine}"
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
 
     async def load(self) -> None:
@@ -151,7 +152,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     host = request.app[_HOST]
     body = decode_request(await request.read(), ChatCompletionRequest)
     prompt = await host.run(host.engine.chat_prompt, body.messages)  # type: ignore[union-attr]
-    out = ChatStream(_request_id(request), host.launch.served_name, body.include_usage)
+    out = ChatStream(_request_id(request), host.launch.served_name, body.include_usage,
+                     host.fingerprint)
     items = host.generate(prompt, body.sampling())
     if not body.stream:
         texts: list[str] = []
@@ -170,7 +172,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     engine = host.engine
     assert engine is not None
     prompts = [await host.run(engine.text_prompt, p) for p in body.prompts()]
-    out = CompletionStream(_request_id(request), host.launch.served_name, body.include_usage)
+    out = CompletionStream(_request_id(request), host.launch.served_name, body.include_usage,
+                     host.fingerprint)
     params = body.sampling()
     if body.stream:
         return await _stream(request, host.generate(prompts[0], params), out, b"")

@@ -111,6 +111,11 @@ class LlamaEngine:
         if max_tokens == 0:
             yield Finish("length", n_prompt, 0)
             return
+        if params.seed is not None:
+            # Logits from a prefix-cached decode differ in the last bits from a full-prompt
+            # decode (other batch shapes), which changes sampled text: a seeded request
+            # re-evaluates its whole prompt so the same seed gives the same tokens.
+            self._llm.reset()
         seed = params.seed if params.seed is not None else random.getrandbits(32)
         self._llm.set_seed(seed & 0xFFFFFFFF)
         is_eog = self._llama_cpp.llama_vocab_is_eog

@@ -41,15 +41,17 @@ class _Stream:
     object_: str
     prefix: str
 
-    def __init__(self, request_id: str, model: str, include_usage: bool) -> None:
+    def __init__(self, request_id: str, model: str, include_usage: bool,
+                 fingerprint: str) -> None:
         self.id = f"{self.prefix}-{request_id}"
+        self.fingerprint = fingerprint
         self.created = int(time.time())
         self.model = model
         self.include_usage = include_usage
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         chunk: dict[str, Any] = {"id": self.id, "object": self.object_, "created": self.created,
-                                 "model": self.model, "system_fingerprint": None,
+                                 "model": self.model, "system_fingerprint": self.fingerprint,
                                  "choices": choices}
         if self.include_usage:
             chunk["usage"] = None
@@ -80,7 +82,7 @@ class ChatStream(_Stream):
     def response(self, text: str, finish: Finish) -> bytes:
         return _encode({
             "id": self.id, "object": "chat.completion", "created": self.created,
-            "model": self.model, "system_fingerprint": None,
+            "model": self.model, "system_fingerprint": self.fingerprint,
             "choices": [{"index": 0,
                          "message": {"role": "assistant", "content": text, "refusal": None},
                          "logprobs": None, "finish_reason": finish.reason}],
@@ -108,7 +110,7 @@ class CompletionStream(_Stream):
         completion = sum(f.completion_tokens for f in finishes)
         return _encode({
             "id": self.id, "object": "text_completion", "created": self.created,
-            "model": self.model, "system_fingerprint": None,
+            "model": self.model, "system_fingerprint": self.fingerprint,
             "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": f.reason}
                         for i, (t, f) in enumerate(zip(texts, finishes))],
             "usage": usage(None, prompt, completion),
