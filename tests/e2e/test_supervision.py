@@ -83,24 +83,23 @@ def test_sigkill_of_node_leaves_no_orphan(own_node: NodeProcess) -> None:
 
 
 def test_sigterm_lets_inflight_request_finish(own_node: NodeProcess) -> None:
-    req = urllib.request.Request(
-        own_node.url + "/v1/completions", method="POST",
-        data=json.dumps({"model": CHAT, "prompt": "Once upon a time", "max_tokens": 60,
-                         "temperature": 0}).encode(),
-        headers={"Content-Type": "application/json"})
-    import threading
-    result: dict = {}
-
-    def call() -> None:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            result["body"] = json.loads(resp.read())
-
-    t = threading.Thread(target=call)
-    t.start()
-    time.sleep(0.3)  # let the request reach the engine
-    own_node.proc.send_signal(signal.SIGTERM)
-    t.join(60)
-    assert result["body"]["usage"]["completion_tokens"] == 60
+    host, port = own_node.url.removeprefix("http://").split(":")
+    body = json.dumps({"model": CHAT, "stream": True, "max_tokens": 60, "temperature": 0,
+                       "messages": [{"role": "user", "content": "Tell me a long story."}]})
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                  b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                  % (len(body), body.encode()))
+        seen = b""
+        while b"data: " not in seen:  # the request is in flight: a first chunk arrived
+            chunk = s.recv(65536)
+            assert chunk, seen
+            seen += chunk
+        own_node.proc.send_signal(signal.SIGTERM)
+        while chunk := s.recv(65536):
+            seen += chunk
+    assert b"data: [DONE]" in seen
+    assert b'"finish_reason":"length"' in seen or b'"finish_reason":"stop"' in seen
     assert own_node.stop() == 0
 
 
