@@ -120,6 +120,16 @@ def _catalogue(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engines(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+    data = AdminClient(args.endpoint).request(
+        "GET", f"/v1/engines?model={quote(args.model)}")["data"]
+    rows = [[r["node"], r["engine"], "yes" if r["available"] else "no",
+             "*" if r["default"] else "", r["reason"]] for r in data]
+    print(table(["NODE", "ENGINE", "CAN RUN", "DEFAULT", "WHY NOT"], rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshnode", description=(
         "A peer-to-peer model-serving mesh with one OpenAI-compatible endpoint."))
@@ -161,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = client_parser("stop", "stop a deployment")
     p.add_argument("name")
     p.set_defaults(func=_stop)
+    p = client_parser("engines", "which engines could run a model, on each node")
+    p.add_argument("model")
+    p.set_defaults(func=_engines)
     p = client_parser("catalogue", "list the models this node knows")
     p.set_defaults(func=_catalogue)
     return parser

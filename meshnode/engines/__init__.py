@@ -10,15 +10,19 @@ from .errors import (
     EngineError,
     EngineFailed,
     EngineUnavailable,
+    EngineUnsupported,
     InvalidRequest,
 )
 from .launch import ENGINE_NAMES, EngineLaunch
 from .process import EngineProcess, EngineState, SupervisorConfig
+from .select import EngineOption, Hardware, choose_engine, detect_hardware, probe_engines
+from .servers import Command, command_for
 from .schema import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
     EmbeddingRequest,
+    RerankRequest,
     decode_request,
 )
 
@@ -36,7 +40,16 @@ __all__ = [
     "EngineProcess",
     "EngineState",
     "EngineUnavailable",
+    "EngineUnsupported",
+    "EngineOption",
+    "Hardware",
+    "Command",
+    "choose_engine",
+    "command_for",
+    "detect_hardware",
+    "probe_engines",
     "InvalidRequest",
+    "RerankRequest",
     "SupervisorConfig",
     "decode_request",
 ]

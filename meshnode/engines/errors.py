@@ -3,6 +3,7 @@
     EngineError                   root of every error this package raises
     ├── InvalidRequest            the request cannot be served as sent (HTTP 400); has `param`
     │   └── ContextOverflow       prompt + max_tokens exceed the model's context window
+    ├── EngineUnsupported         no engine on this node can run the model (or the forced one)
     ├── EngineUnavailable         the engine process is not ready (loading, restarting, stopped)
     ├── EngineFailed              the engine process could not start; `reason` says why
     └── EngineCrashed             the engine process died while serving a request
@@ -19,6 +20,7 @@ __all__ = [
     "EngineError",
     "EngineFailed",
     "EngineUnavailable",
+    "EngineUnsupported",
     "InvalidRequest",
 ]
 
@@ -41,6 +43,10 @@ class ContextOverflow(InvalidRequest):
 
     def __init__(self, message: str, param: str | None = "messages") -> None:
         super().__init__(message, param=param, code="context_length_exceeded")
+
+
+class EngineUnsupported(EngineError):
+    """No engine on this node can run the model, or the forced one cannot; says why."""
 
 
 class EngineUnavailable(EngineError):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import importlib
 import os
 import signal
 import sys
@@ -26,8 +27,23 @@ from aiohttp import web
 from .base import Engine, Finish, Prompt
 from .errors import EngineError, EngineFailed, InvalidRequest
 from .launch import EngineLaunch
-from .responses import SSE_DONE, ChatStream, CompletionStream, error_body, sse
-from .schema import ChatCompletionRequest, CompletionRequest, SamplingParams, decode_request
+from .responses import (
+    SSE_DONE,
+    ChatStream,
+    CompletionStream,
+    embeddings_response,
+    error_body,
+    rerank_response,
+    sse,
+)
+from .schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    RerankRequest,
+    SamplingParams,
+    decode_request,
+)
 
 __all__ = ["main", "open_engine"]
 
@@ -35,12 +51,22 @@ _END = object()
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
+# Engines that run inside this host process: name -> (module, class). vLLM and SGLang run
+# their own OpenAI servers instead (see servers.py).
+IN_HOST = {
+    "llama.cpp": ("meshnode.engines.llama", "LlamaEngine"),
+    "transformers": ("meshnode.engines.transformers", "TransformersEngine"),
+    "mlx": ("meshnode.engines.mlx", "MlxEngine"),
+}
+
+
 def open_engine(launch: EngineLaunch) -> Engine:
     """Build the adapter for `launch.engine`; heavy imports happen inside each adapter."""
-    if launch.engine == "llama.cpp":
-        from .llama import LlamaEngine
-        return LlamaEngine(launch)
-    raise EngineFailed(f"engine {launch.engine!r} cannot run in the engine host")
+    target = IN_HOST.get(launch.engine)
+    if target is None:
+        raise EngineFailed(f"engine {launch.engine!r} cannot run in the engine host")
+    module = importlib.import_module(target[0])
+    return getattr(module, target[1])(launch)
 
 
 class Host:
@@ -189,6 +215,33 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return web.Response(body=out.response(texts, finishes), content_type="application/json")
 
 
+async def embeddings(request: web.Request) -> web.Response:
+    host = request.app[_HOST]
+    body = decode_request(await request.read(), EmbeddingRequest)
+    engine = host.engine
+    assert engine is not None
+    vectors, tokens = await host.run(engine.embed, body.inputs())
+    if body.dimensions is not None and vectors and body.dimensions != len(vectors[0]):
+        raise InvalidRequest(f"this model's embeddings have {len(vectors[0])} dimensions and "
+                             "cannot be shortened", param="dimensions")
+    return web.Response(body=embeddings_response(vectors, tokens, host.launch.served_name,
+                                                 body.encoding_format),
+                        content_type="application/json")
+
+
+async def rerank(request: web.Request) -> web.Response:
+    host = request.app[_HOST]
+    body = decode_request(await request.read(), RerankRequest)
+    engine = host.engine
+    assert engine is not None
+    documents = body.texts()
+    scores, tokens = await host.run(engine.rerank, body.query, documents)
+    return web.Response(body=rerank_response(_request_id(request), scores, documents,
+                                             body.top_n, body.return_documents, tokens,
+                                             host.launch.served_name),
+                        content_type="application/json")
+
+
 async def _stream(request: web.Request, items: AsyncIterator[str | Finish],
                   out: ChatStream | CompletionStream, first: bytes) -> web.StreamResponse:
     # Surface errors raised before the first token (context overflow, ...) as a plain 4xx.
@@ -221,6 +274,8 @@ def build_app(host: Host) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/v1/rerank", rerank)
     return app
 
 

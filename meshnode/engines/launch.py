@@ -27,6 +27,17 @@ class EngineLaunch(msgspec.Struct, frozen=True, kw_only=True):
     """CPU threads for generation; 0 = all cores."""
     max_queue: int = 64
     """Requests waiting for the engine beyond this get 503: a bounded queue, not a growing one."""
+    python: str = ""
+    """Interpreter of the engine's own virtual environment; empty = the node's interpreter.
+    Engines pin conflicting versions (vLLM pins torch), so each may live in its own venv."""
+    devices: tuple[int, ...] = ()
+    """GPU indices the engine may use (CUDA_VISIBLE_DEVICES); empty = the engine's default."""
+    memory_fraction: float = 0.9
+    """Share of each GPU's memory the engine may take (vLLM/SGLang); KV cache fills the rest."""
+    cache_dir: str = ""
+    """Where converted weights are cached (GGUF -> safetensors for transformers, MLX, vLLM)."""
+    extra_args: tuple[str, ...] = ()
+    """Extra command-line arguments for engines that run their own server (vLLM, SGLang)."""
 
     def to_json(self) -> str:
         return msgspec.json.encode(self).decode()

@@ -19,6 +19,7 @@ from .base import EngineInfo, Finish, Prompt
 from .errors import ContextOverflow, EngineFailed, InvalidRequest
 from .launch import EngineLaunch
 from .schema import ChatMessage, SamplingParams
+from .similarity import cosine_scores
 from .stops import StopMatcher
 
 __all__ = ["LlamaEngine"]
@@ -170,6 +171,10 @@ class LlamaEngine:
             used += len(tokens)
             vectors.append(self._llm.embed(self._llm.detokenize(tokens).decode("utf-8", "replace")))
         return vectors, used
+
+    def rerank(self, query: str, documents: list[str]) -> tuple[list[float], int]:
+        vectors, tokens = self.embed([query, *documents])
+        return cosine_scores(vectors[0], vectors[1:]), tokens
 
     def close(self) -> None:
         self._llm.close()

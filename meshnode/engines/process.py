@@ -19,8 +19,8 @@ import asyncio
 import contextlib
 import enum
 import os
+import shutil
 import signal
-import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -31,6 +31,7 @@ import structlog
 
 from .errors import EngineCrashed, EngineFailed, EngineUnavailable
 from .launch import EngineLaunch
+from .servers import Command, command_for
 
 __all__ = ["EngineProcess", "EngineState", "SupervisorConfig"]
 
@@ -64,16 +65,13 @@ class EngineState(enum.StrEnum):
 
 class EngineProcess:
     def __init__(self, launch: EngineLaunch, run_dir: Path, log_path: Path,
-                 config: SupervisorConfig | None = None, argv: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 config: SupervisorConfig | None = None, command: Command | None = None,
+                 socket_path: str | None = None) -> None:
         self.launch = launch
         self.config = config or SupervisorConfig()
-        self.socket_path = str(run_dir / f"{launch.served_name}.{os.getpid()}.sock")
+        self.socket_path = socket_path or str(run_dir / f"{launch.served_name}.{os.getpid()}.sock")
         self.log_path = log_path
-        self._argv = argv or [sys.executable, "-m", "meshnode.engines.host",
-                              "--socket", self.socket_path, "--parent-pid", str(os.getpid()),
-                              "--launch", launch.to_json()]
-        self._env = env
+        self.command = command or command_for(launch, self.socket_path)
         self.state = EngineState.STOPPED
         self.reason = ""
         self.info: dict[str, object] = {}
@@ -111,8 +109,7 @@ class EngineProcess:
         if self._session is not None:
             await self._session.close()
             self._session = None
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)
+        self._remove_leftovers()
         await self._set(EngineState.STOPPED)
 
     # use -------------------------------------------------------------------------------
@@ -178,12 +175,11 @@ class EngineProcess:
         await self._kill()
         await self._set(EngineState.STARTING)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)
-        env = dict(os.environ if self._env is None else self._env)
+        self._remove_leftovers()
+        env = {**os.environ, **self.command.env}
         with open(self.log_path, "ab") as out:
             self._proc = await asyncio.create_subprocess_exec(
-                *self._argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+                *self.command.argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
                 start_new_session=True, env=env)
         self.pid = self._proc.pid
         deadline = time.monotonic() + self.config.start_timeout_s
@@ -194,13 +190,13 @@ class EngineProcess:
                               f"{self.log_tail()}"
                 return False
             try:
-                async with self._session.get("http://engine/health") as resp:
-                    body = await resp.json()
+                async with self._session.get("http://engine" + self.command.health_path) as resp:
+                    body = await resp.json(content_type=None) if resp.content_length else None
                     if resp.status == 200:
-                        self.info = body
+                        self.info = body if isinstance(body, dict) else {}
                         await self._set(EngineState.READY)
                         return True
-                    if body.get("status") == "failed":
+                    if isinstance(body, dict) and body.get("status") == "failed":
                         self.reason = str(body.get("error"))
             except (aiohttp.ClientError, OSError, ValueError):
                 pass
@@ -225,6 +221,13 @@ class EngineProcess:
         # The group may hold grandchildren (vLLM workers): make sure none survive.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+    def _remove_leftovers(self) -> None:
+        for path in (self.socket_path, *self.command.cleanup):
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                os.unlink(path)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
 
     @staticmethod
     def _describe(code: int) -> str:

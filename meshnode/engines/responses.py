@@ -8,6 +8,8 @@ empty `choices` carries the usage; the stream ends with `data: [DONE]`.
 
 from __future__ import annotations
 
+import base64
+import struct
 import time
 from typing import Any
 
@@ -15,7 +17,15 @@ import msgspec
 
 from .base import Finish
 
-__all__ = ["ChatStream", "CompletionStream", "error_body", "sse", "SSE_DONE"]
+__all__ = [
+    "SSE_DONE",
+    "ChatStream",
+    "CompletionStream",
+    "embeddings_response",
+    "error_body",
+    "rerank_response",
+    "sse",
+]
 
 _encode = msgspec.json.Encoder().encode
 SSE_DONE = b"data: [DONE]\n\n"
@@ -115,3 +125,28 @@ class CompletionStream(_Stream):
                         for i, (t, f) in enumerate(zip(texts, finishes))],
             "usage": usage(None, prompt, completion),
         })
+
+
+def embeddings_response(vectors: list[list[float]], tokens: int, model: str,
+                        encoding_format: str) -> bytes:
+    """OpenAI's CreateEmbeddingResponse; base64 is little-endian float32, as OpenAI sends."""
+    def encode(v: list[float]) -> list[float] | str:
+        if encoding_format == "base64":
+            return base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()
+        return v
+    return _encode({"object": "list", "model": model,
+                    "data": [{"object": "embedding", "index": i, "embedding": encode(v)}
+                             for i, v in enumerate(vectors)],
+                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+def rerank_response(request_id: str, scores: list[float], documents: list[str],
+                    top_n: int | None, return_documents: bool, tokens: int,
+                    model: str) -> bytes:
+    """Results sorted by score, each with its original index (Cohere/Jina/Xinference shape)."""
+    order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)[:top_n]
+    results = [{"index": i, "relevance_score": scores[i],
+                **({"document": {"text": documents[i]}} if return_documents else {})}
+               for i in order]
+    return _encode({"id": f"rerank-{request_id}", "model": model, "results": results,
+                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})

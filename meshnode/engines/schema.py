@@ -21,6 +21,7 @@ __all__ = [
     "CompletionRequest",
     "EmbeddingRequest",
     "ImagePart",
+    "RerankRequest",
     "SamplingParams",
     "StreamOptions",
     "TextPart",
@@ -32,6 +33,7 @@ Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
 PositiveInt = Annotated[int, Meta(ge=1)]
 MAX_STOP_SEQUENCES = 4
+MAX_BATCH = 2048
 
 
 class TextPart(msgspec.Struct, tag_field="type", tag="text", frozen=True):
@@ -240,8 +242,35 @@ class EmbeddingRequest(msgspec.Struct, frozen=True, kw_only=True):
         return _inputs(self.input, "input")
 
     def check(self) -> None:
-        if not self.inputs() or any(x == "" for x in self.inputs()):
+        inputs = self.inputs()
+        if not inputs or any(x == "" for x in inputs):
             raise InvalidRequest("input must not be empty", param="input")
+        if len(inputs) > MAX_BATCH:
+            raise InvalidRequest(f"at most {MAX_BATCH} inputs per request", param="input")
+
+
+class RerankDocument(msgspec.Struct, frozen=True):
+    text: str
+
+
+class RerankRequest(msgspec.Struct, frozen=True, kw_only=True):
+    model: str
+    query: Annotated[str, Meta(min_length=1)]
+    documents: list[str | RerankDocument]
+    top_n: Annotated[int, Meta(ge=1)] | None = None
+    return_documents: bool = False
+
+    def texts(self) -> list[str]:
+        return [d if isinstance(d, str) else d.text for d in self.documents]
+
+    def check(self) -> None:
+        if not self.documents:
+            raise InvalidRequest("documents must not be empty", param="documents")
+        if len(self.documents) > MAX_BATCH:
+            raise InvalidRequest(f"at most {MAX_BATCH} documents per request",
+                                 param="documents")
+        if any(not t for t in self.texts()):
+            raise InvalidRequest("documents must not be empty strings", param="documents")
 
 
 _decoders: dict[type, msgspec.json.Decoder] = {}

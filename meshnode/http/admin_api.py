@@ -8,7 +8,7 @@ import msgspec
 from aiohttp import web
 
 from meshnode import __version__
-from meshnode.engines import decode_request
+from meshnode.engines import InvalidRequest, decode_request
 from meshnode.node import LaunchRequest, ScaleRequest
 
 from .keys import NODE
@@ -54,6 +54,17 @@ async def stop(request: web.Request) -> web.Response:
 @routes.get("/v1/catalogue")
 async def catalogue(request: web.Request) -> web.Response:
     return _json({"object": "list", "data": request.app[NODE].catalogue()})
+
+
+@routes.get("/v1/engines")
+async def engines(request: web.Request) -> web.Response:
+    """Which engines could run ?model=NAME, on each node (like Xinference's engine query)."""
+    model = request.query.get("model")
+    if not model:
+        raise InvalidRequest("the model query parameter is required: /v1/engines?model=NAME",
+                             param="model")
+    return _json({"object": "list", "model": model,
+                  "data": request.app[NODE].engine_options(model)})
 
 
 @routes.get("/health")

@@ -21,6 +21,7 @@ from meshnode.engines import (
     EngineError,
     EngineFailed,
     EngineUnavailable,
+    EngineUnsupported,
     InvalidRequest,
 )
 from meshnode.node import (
@@ -73,6 +74,8 @@ def _for(exc: Exception) -> web.Response:
         case EngineFailed():
             return error_response(503, f"{exc}: {exc.reason}", code="model_failed",
                                   retry_after_s=30)
+        case EngineUnsupported():
+            return error_response(400, str(exc), param="engine", code="engine_unsupported")
         case EngineCrashed():
             return error_response(502, str(exc), code="engine_crashed")
         case ConfigError():

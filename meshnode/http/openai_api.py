@@ -7,7 +7,9 @@ from aiohttp import web
 from meshnode.engines import (
     ChatCompletionRequest,
     CompletionRequest,
+    EmbeddingRequest,
     InvalidRequest,
+    RerankRequest,
     decode_request,
 )
 from meshnode.node import DeploymentView, ModelNotFound
@@ -43,6 +45,30 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if "completion" not in replica.abilities:
         raise InvalidRequest(f"model {req.model!r} does not serve completions", param="model")
     return await relay(request, replica, "/v1/completions", body, node.name)
+
+
+@routes.post("/v1/embeddings")
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    body = await request.read()
+    req = decode_request(body, EmbeddingRequest)
+    node = request.app[NODE]
+    replica = node.replica(req.model)
+    if "embed" not in replica.abilities:
+        raise InvalidRequest(f"model {req.model!r} does not serve embeddings", param="model")
+    return await relay(request, replica, "/v1/embeddings", body, node.name)
+
+
+@routes.post("/v1/rerank")
+@routes.post("/v2/rerank")
+@routes.post("/rerank")
+async def rerank(request: web.Request) -> web.StreamResponse:
+    body = await request.read()
+    req = decode_request(body, RerankRequest)
+    node = request.app[NODE]
+    replica = node.replica(req.model)
+    if "rerank" not in replica.abilities:
+        raise InvalidRequest(f"model {req.model!r} does not serve rerank", param="model")
+    return await relay(request, replica, "/v1/rerank", body, node.name)
 
 
 def _model(view: DeploymentView) -> dict[str, object]:

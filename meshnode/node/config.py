@@ -54,6 +54,9 @@ class NodeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     """Cap on a model's context window (tokens): the KV cache grows linearly with it."""
     engine_start_timeout_s: Annotated[float, Meta(gt=0)] = 600.0
     """Longest an engine may take to load before its start counts as failed."""
+    engine_pythons: dict[str, str] = {}
+    """Per-engine interpreter of its own venv, e.g. {"vllm": "/opt/vllm/bin/python"}; engines
+    pin conflicting versions. Unlisted engines use the node's own interpreter."""
 
     def resolved(self) -> "NodeConfig":
         """Fill the defaults that depend on the machine (name, data_dir)."""
@@ -73,8 +76,13 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         value = env.get(ENV_PREFIX + name.upper())
         if value is None:
             continue
-        out[name] = tuple(v.strip() for v in value.split(",") if v.strip()) \
-            if name == "models" else value
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        if name == "models":
+            out[name] = tuple(items)
+        elif name == "engine_pythons":  # "vllm=/opt/vllm/bin/python,sglang=..."
+            out[name] = dict(item.split("=", 1) for item in items if "=" in item)
+        else:
+            out[name] = value
     return out
 
 

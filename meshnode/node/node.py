@@ -18,7 +18,15 @@ from pathlib import Path
 import msgspec
 import structlog
 
-from meshnode.engines import ENGINE_NAMES, SupervisorConfig
+from meshnode.engines import (
+    EngineOption,
+    EngineUnsupported,
+    Hardware,
+    SupervisorConfig,
+    choose_engine,
+    detect_hardware,
+    probe_engines,
+)
 
 from .catalogue import CATALOGUE, ModelSpec, find_spec, valid_name
 from .config import NodeConfig
@@ -66,6 +74,8 @@ class Node:
         self._run_dir: Path | None = None
         self._lock = asyncio.Lock()
         self._supervisor = SupervisorConfig(start_timeout_s=self.config.engine_start_timeout_s)
+        self.hardware: Hardware | None = None
+        self.engines: list[EngineOption] = []
 
     async def __aenter__(self) -> "Node":
         if self.state is not NodeState.NEW:
@@ -74,6 +84,10 @@ class Node:
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
         # Unix socket paths are limited to ~104 bytes: keep them short, private (0700).
         self._run_dir = Path(tempfile.mkdtemp(prefix="meshnode-"))
+        self.hardware = await asyncio.to_thread(detect_hardware)
+        self.engines = await asyncio.to_thread(probe_engines, self.hardware,
+                                               self.config.engine_pythons)
+        log.info("node.engines", available=[o.engine for o in self.engines if o.available])
         self.state = NodeState.RUNNING
         try:
             for model in self.config.models:
@@ -105,7 +119,8 @@ class Node:
             raise InvalidDeployment(
                 f"invalid deployment name {name!r}: use 1-64 letters, digits, '.', '_' or '-'"
                 ", starting with a letter or digit", param="name")
-        engine = self._choose_engine(spec, request.engine)
+        option = self._choose_engine(spec, request.engine)
+        engine = option.engine
         context = min(request.context_length or spec.context_length,
                       self.config.max_context_length)
         async with self._lock:
@@ -145,21 +160,41 @@ class Node:
                                 "`meshnode launch MODEL` starts one")
         return deployment
 
-    def _choose_engine(self, spec: ModelSpec, forced: str | None) -> str:
-        if forced is not None and forced not in ENGINE_NAMES:
-            raise InvalidDeployment(f"unknown engine {forced!r}: choose one of "
-                                    f"{', '.join(ENGINE_NAMES)}", param="engine")
-        if "gguf" in spec.formats and forced in (None, "llama.cpp"):
-            return "llama.cpp"
-        raise InvalidDeployment(
-            f"engine {forced!r} cannot run {spec.name!r} on this node: its formats are "
-            f"{', '.join(spec.formats)} and this node runs llama.cpp for GGUF", param="engine")
+    def _choose_engine(self, spec: ModelSpec, forced: str | None) -> EngineOption:
+        assert self.hardware is not None
+        try:
+            return choose_engine(spec.formats, spec.abilities, forced, self.engines,
+                                 self.hardware)
+        except EngineUnsupported as exc:
+            raise InvalidDeployment(f"cannot run {spec.name!r}: {exc}", param="engine") from None
+
+    def engine_options(self, model: str) -> list[dict[str, object]]:
+        """For GET /v1/engines: each engine, whether it could run `model` here, and why not."""
+        spec = find_spec(model)
+        assert self.hardware is not None
+        rows: list[dict[str, object]] = []
+        for option in self.engines:
+            try:
+                choose_engine(spec.formats, spec.abilities, option.engine, self.engines,
+                              self.hardware)
+                rows.append({"engine": option.engine, "available": True, "reason": ""})
+            except EngineUnsupported as exc:
+                rows.append({"engine": option.engine, "available": False, "reason": str(exc)})
+        try:
+            best = self._choose_engine(spec, None).engine
+        except InvalidDeployment:
+            best = None
+        for row in rows:
+            row["default"] = row["engine"] == best
+            row["node"] = self.name
+        return rows
 
     async def _place(self, deployment: Deployment, spec: ModelSpec) -> None:
         """Single-node placement: one replica here. The mesh spreads the others."""
+        python = self.config.engine_pythons.get(deployment.engine, "")
         replica = Replica(deployment, spec, node_name=self.name, data_dir=self.data_dir,
                           run_dir=self._run_dir or self.data_dir, threads=self.config.engine_threads,
-                          supervisor=self._supervisor)
+                          supervisor=self._supervisor, python=python)
         self.replicas[deployment.name] = replica
         await replica.__aenter__()
 

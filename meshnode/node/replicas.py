@@ -39,7 +39,7 @@ class ReplicaStatus(msgspec.Struct, frozen=True, kw_only=True):
 class Replica:
     def __init__(self, deployment: Deployment, spec: ModelSpec, *, node_name: str,
                  data_dir: Path, run_dir: Path, threads: int,
-                 supervisor: SupervisorConfig) -> None:
+                 supervisor: SupervisorConfig, python: str = "") -> None:
         self.deployment = deployment
         self.spec = spec
         self._node_name = node_name
@@ -47,6 +47,7 @@ class Replica:
         self._run_dir = run_dir
         self._threads = threads
         self._supervisor = supervisor
+        self._python = python
         self.process: EngineProcess | None = None
         self._state = "preparing"
         self._reason = ""
@@ -84,7 +85,8 @@ class Replica:
         launch = EngineLaunch(
             engine=d.engine, model_path=str(path), served_name=d.name,
             context_length=d.context_length, abilities=self.abilities,
-            chat_template=d.chat_template, threads=self._threads,
+            chat_template=d.chat_template, threads=self._threads, python=self._python,
+            cache_dir=str(self._data_dir / "converted"),
         )
         self.process = EngineProcess(
             launch, run_dir=self._run_dir,

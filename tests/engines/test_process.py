@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 from meshnode.engines import EngineLaunch, EngineProcess, EngineState, SupervisorConfig
+from meshnode.engines.servers import Command
 
 FAST = SupervisorConfig(start_timeout_s=20, health_poll_s=0.02, backoff_s=0.01,
                         backoff_max_s=0.05, start_failures_max=3, stop_grace_s=2)
@@ -20,7 +21,8 @@ web.run_app(app, path=sys.argv[1], print=None)
 
 async def test_process_that_never_starts_is_failed_with_reason(tmp_path: Path) -> None:
     argv = [sys.executable, "-c", "import sys; print('weights are corrupt'); sys.exit(3)"]
-    async with EngineProcess(LAUNCH, tmp_path, tmp_path / "log", FAST, argv=argv) as p:
+    async with EngineProcess(LAUNCH, tmp_path, tmp_path / "log", FAST,
+                             command=Command(argv=argv)) as p:
         assert await p.wait_state(EngineState.FAILED, timeout=20) is EngineState.FAILED
         assert "weights are corrupt" in p.reason and "code 3" in p.reason
         assert p.restarts == 2
@@ -28,9 +30,8 @@ async def test_process_that_never_starts_is_failed_with_reason(tmp_path: Path) -
 
 async def test_ready_then_crash_restarts_then_close_twice(tmp_path: Path) -> None:
     sock = str(tmp_path / "s.sock")
-    p = EngineProcess(LAUNCH, tmp_path, tmp_path / "log", FAST,
-                      argv=[sys.executable, "-c", SERVER, sock])
-    p.socket_path = sock
+    p = EngineProcess(LAUNCH, tmp_path, tmp_path / "log", FAST, socket_path=sock,
+                      command=Command(argv=[sys.executable, "-c", SERVER, sock]))
     async with p:
         await p.wait_state(EngineState.READY, timeout=20)
         first = p.pid
