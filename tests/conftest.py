@@ -41,9 +41,10 @@ class NodeProcess:
         self.log_path = data_dir.parent / f"{data_dir.name}.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "meshnode", "start", "--http-port", "0",
+            [sys.executable, "-m", "meshnode", "start", "--http-port", "0", "--gossip-port", "0",
              "--data-dir", str(data_dir), "--log-format", "json", *args],
             stdout=subprocess.PIPE, stderr=self._log, env={**os.environ, **(env or {})})
+        self.gossip = ""
         self.url = self._read_url()
 
     def _read_url(self, timeout_s: float = 60.0) -> str:
@@ -53,6 +54,8 @@ class NodeProcess:
             line = self.proc.stdout.readline().decode()
             if not line:
                 raise RuntimeError(f"node exited: {self.log_path.read_text()[-2000:]}")
+            if "gossip on " in line:
+                self.gossip = line.strip().rsplit(" ", 1)[1]
             if "listening on " in line:
                 return line.strip().rsplit(" ", 1)[1]
         raise TimeoutError("node did not start listening")

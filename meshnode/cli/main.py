@@ -24,7 +24,11 @@ def _start(args: argparse.Namespace) -> int:
 
     flags = {"host": args.host, "http_port": args.http_port, "name": args.name,
              "data_dir": args.data_dir, "models": tuple(args.model or ()),
-             "log_format": args.log_format, "log_level": args.log_level, "grace_s": args.grace}
+             "log_format": args.log_format, "log_level": args.log_level, "grace_s": args.grace,
+             "bind": args.bind, "gossip_port": args.gossip_port,
+             "advertise_addr": args.advertise_addr, "join": tuple(args.join or ()),
+             "mdns": False if args.no_mdns else None, "interface": args.interface,
+             "cluster": args.cluster, "mesh_preset": args.mesh_preset}
     try:
         config = load_config(flags, config_file=args.config)
     except ConfigError as exc:
@@ -120,6 +124,16 @@ def _catalogue(args: argparse.Namespace) -> int:
     return 0
 
 
+def _members(args: argparse.Namespace) -> int:
+    data = AdminClient(args.endpoint).request("GET", "/v1/cluster/nodes")["data"]
+    rows = [[m["name"] + (" *" if m["local"] else ""), m["node_id"][:12], m["address"],
+             m["state"], m["incarnation"], ", ".join(m["models"]) or "-", m["load"],
+             f"{m['since_s']:.0f}s ago"] for m in data]
+    print(table(["NAME", "NODE ID", "ADDRESS", "STATE", "INC", "MODELS", "LOAD", "SINCE"],
+                rows))
+    return 0
+
+
 def _engines(args: argparse.Namespace) -> int:
     from urllib.parse import quote
     data = AdminClient(args.endpoint).request(
@@ -148,6 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, metavar="SECONDS",
                    help="time in-flight requests get to finish on shutdown (default 10)")
     p.add_argument("--config", metavar="FILE", help="TOML config file (or MESHNODE_CONFIG)")
+    p.add_argument("--bind", help="address the gossip port binds (default: --host)")
+    p.add_argument("--gossip-port", type=int, help="UDP+TCP membership port (default 7701)")
+    p.add_argument("--advertise-addr", metavar="HOST[:PORT]",
+                   help="gossip address other nodes should use (default: the bound one)")
+    p.add_argument("--join", action="append", metavar="HOST:PORT",
+                   help="a seed node's gossip address (repeatable), where mDNS does not reach")
+    p.add_argument("--no-mdns", action="store_true", help="no mDNS announce/discovery")
+    p.add_argument("--interface", metavar="IP", help="interface address mDNS runs on")
+    p.add_argument("--cluster", help="open cluster name (default meshnode)")
+    p.add_argument("--mesh-preset", choices=["lan", "local"],
+                   help="membership timings: lan (memberlist defaults) or local (tests)")
     p.set_defaults(func=_start)
 
     def client_parser(name: str, help_: str) -> argparse.ArgumentParser:
@@ -171,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = client_parser("stop", "stop a deployment")
     p.add_argument("name")
     p.set_defaults(func=_stop)
+    p = client_parser("members", "list the nodes of the mesh as this node sees them")
+    p.set_defaults(func=_members)
     p = client_parser("engines", "which engines could run a model, on each node")
     p.add_argument("model")
     p.set_defaults(func=_engines)

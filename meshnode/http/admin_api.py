@@ -67,6 +67,11 @@ async def engines(request: web.Request) -> web.Response:
                   "data": request.app[NODE].engine_options(model)})
 
 
+@routes.get("/v1/cluster/nodes")
+async def cluster_nodes(request: web.Request) -> web.Response:
+    return _json({"object": "list", "data": request.app[NODE].members()})
+
+
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
     node = request.app[NODE]

@@ -55,8 +55,12 @@ async def serve(config: NodeConfig, ready: asyncio.Event | None = None) -> None:
         site = web.TCPSite(runner, config.host, config.http_port, reuse_address=True)
         await site.start()
         port = runner.addresses[0][1] if runner.addresses else config.http_port
+        node.http_port = port
+        gossip = node.cluster.mesh.address if node.cluster is not None else ("", 0)
         log.info("node.listening", node=node.name, url=f"http://{config.host}:{port}",
-                 data_dir=str(node.data_dir))
+                 gossip=f"{gossip[0]}:{gossip[1]}", data_dir=str(node.data_dir),
+                 node_id=node.identity.node_id if node.identity else None)
+        print(f"meshnode: gossip on {gossip[0]}:{gossip[1]}", flush=True)
         print(f"meshnode: listening on http://{config.host}:{port}", flush=True)
         if ready is not None:
             ready.set()

@@ -31,7 +31,7 @@ async def relay(request: web.Request, replica: Replica, path: str, body: bytes,
     replica.in_flight += 1
     try:
         try:
-            upstream = await session.post("http://engine" + path, data=body, headers=headers)
+            upstream = await session.post(replica.base_url + path, data=body, headers=headers)
         except _UPSTREAM_DOWN as exc:
             raise replica.process.crashed() if replica.process else exc from exc
         async with upstream:

@@ -54,6 +54,23 @@ class NodeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     """Cap on a model's context window (tokens): the KV cache grows linearly with it."""
     engine_start_timeout_s: Annotated[float, Meta(gt=0)] = 600.0
     """Longest an engine may take to load before its start counts as failed."""
+    bind: str = ""
+    """Address the gossip sockets (UDP and TCP) bind; empty = `host`."""
+    gossip_port: Port = 7701
+    """UDP and TCP port of the membership protocol; 0 picks a free port (tests)."""
+    advertise_addr: str = ""
+    """HOST[:PORT] other nodes use to reach our gossip port (behind NAT, or when binding
+    0.0.0.0); empty = the bound address. A loopback address is never advertised off-host."""
+    join: tuple[str, ...] = ()
+    """Seeds HOST:PORT to join (for networks without multicast); retried while we are alone."""
+    mdns: bool = True
+    """Announce and discover by mDNS on the bound interface (never on loopback)."""
+    interface: str = ""
+    """Address of the interface mDNS runs on; empty = the gossip address."""
+    cluster: str = "meshnode"
+    """Name of an open cluster; nodes of other clusters ignore each other's packets."""
+    mesh_preset: Literal["lan", "local"] = "lan"
+    """Timing preset of the membership protocol: lan (memberlist defaults) or local (tests)."""
     engine_pythons: dict[str, str] = {}
     """Per-engine interpreter of its own venv, e.g. {"vllm": "/opt/vllm/bin/python"}; engines
     pin conflicting versions. Unlisted engines use the node's own interpreter."""
@@ -77,7 +94,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         if value is None:
             continue
         items = [v.strip() for v in value.split(",") if v.strip()]
-        if name == "models":
+        if name in ("models", "join"):
             out[name] = tuple(items)
         elif name == "engine_pythons":  # "vllm=/opt/vllm/bin/python,sglang=..."
             out[name] = dict(item.split("=", 1) for item in items if "=" in item)

@@ -28,7 +28,11 @@ from meshnode.engines import (
     probe_engines,
 )
 
+from meshnode import __version__
+from meshnode.mesh.identity import NodeIdentity
+
 from .catalogue import CATALOGUE, ModelSpec, find_spec, valid_name
+from .cluster import Cluster, MemberView, NodeLoad, NodeMeta
 from .config import NodeConfig
 from .deployments import Deployment, DeploymentTable, LaunchRequest
 from .errors import DeploymentExists, InvalidDeployment, ModelNotFound, ModelUnavailable
@@ -72,10 +76,14 @@ class Node:
         self.state = NodeState.NEW
         self.started = time.time()
         self._run_dir: Path | None = None
+        self.http_port = self.config.http_port
+        """The HTTP port actually bound (set by the HTTP layer when the port was 0)."""
         self._lock = asyncio.Lock()
         self._supervisor = SupervisorConfig(start_timeout_s=self.config.engine_start_timeout_s)
         self.hardware: Hardware | None = None
         self.engines: list[EngineOption] = []
+        self.identity: NodeIdentity | None = None
+        self.cluster: Cluster | None = None
 
     async def __aenter__(self) -> "Node":
         if self.state is not NodeState.NEW:
@@ -88,8 +96,11 @@ class Node:
         self.engines = await asyncio.to_thread(probe_engines, self.hardware,
                                                self.config.engine_pythons)
         log.info("node.engines", available=[o.engine for o in self.engines if o.available])
+        self.identity = await asyncio.to_thread(NodeIdentity.load_or_create, self.data_dir)
         self.state = NodeState.RUNNING
         try:
+            self.cluster = Cluster(self.config, self.identity.node_id, self._meta, self._load)
+            await self.cluster.__aenter__()
             for model in self.config.models:
                 await self.launch(LaunchRequest(model=model))
         except BaseException:
@@ -105,10 +116,31 @@ class Node:
         if self.state is NodeState.CLOSED:
             return
         self.state = NodeState.CLOSED
+        if self.cluster is not None:
+            await self.cluster.leave()  # others see `left` now, not after a suspicion timeout
         replicas, self.replicas = list(self.replicas.values()), {}
         await asyncio.gather(*(r.close() for r in replicas), return_exceptions=True)
+        if self.cluster is not None:
+            await self.cluster.close()
         if self._run_dir is not None:
             shutil.rmtree(self._run_dir, ignore_errors=True)
+
+    # gossip -----------------------------------------------------------------------------
+
+    def _meta(self) -> NodeMeta:
+        hw = self.hardware
+        return NodeMeta(
+            name=self.name, http_host=self.config.host, http_port=self.http_port,
+            ram_mb=hw.ram_mb if hw else 0, gpus=len(hw.gpus) if hw else 0,
+            engines=tuple(o.engine for o in self.engines if o.available),
+            replicas=tuple((name, r.state) for name, r in sorted(self.replicas.items())),
+            version=__version__)
+
+    def _load(self) -> NodeLoad:
+        return NodeLoad(in_flight=sum(r.in_flight for r in self.replicas.values()))
+
+    def members(self) -> list[MemberView]:
+        return self.cluster.members() if self.cluster is not None else []
 
     # deployments ------------------------------------------------------------------------
 

@@ -112,6 +112,11 @@ class Replica:
         return ReplicaStatus(node=self._node_name, state=p.state.value, reason=p.reason,
                              pid=p.pid, restarts=p.restarts, since=self._since)
 
+    @property
+    def base_url(self) -> str:
+        """Prefix of the engine's URLs for `session()` (its Unix socket or TCP address)."""
+        return self.process.base_url if self.process is not None else "http://engine"
+
     def session(self) -> aiohttp.ClientSession:
         """The engine's client session, or ModelUnavailable/ModelFailed saying why not."""
         p = self.process

@@ -44,7 +44,7 @@ def _post(url: str, body: dict) -> tuple[int, dict, dict]:
 
 @pytest.fixture
 def own_node(tmp_path: Path):
-    n = NodeProcess(tmp_path / "data", "--model", CHAT)
+    n = NodeProcess(tmp_path / "data", "--model", CHAT, "--grace", "120")
     try:
         n.wait_ready(CHAT)
         yield n
@@ -84,7 +84,7 @@ def test_sigkill_of_node_leaves_no_orphan(own_node: NodeProcess) -> None:
 
 def test_sigterm_lets_inflight_request_finish(own_node: NodeProcess) -> None:
     host, port = own_node.url.removeprefix("http://").split(":")
-    body = json.dumps({"model": CHAT, "stream": True, "max_tokens": 60, "temperature": 0,
+    body = json.dumps({"model": CHAT, "stream": True, "max_tokens": 30, "temperature": 0,
                        "messages": [{"role": "user", "content": "Tell me a long story."}]})
     with socket.create_connection((host, int(port)), timeout=60) as s:
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"

@@ -1,0 +1,213 @@
+"""This node's place in the mesh: membership (SWIM), discovery (mDNS), and what it gossips.
+
+The node gossips a small `NodeMeta` (name, HTTP address, capacity, engines, replicas with
+their state) through the mesh delegate; a change raises its incarnation, so it is checked
+once a second rather than on every replica event. Load (in-flight requests) rides on acks
+and push-pull without raising the incarnation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+from collections.abc import Callable
+
+import msgspec
+import structlog
+
+from meshnode.mesh import Member, MemberState, Mesh, MeshConfig, PROTOCOL_VERSION
+from meshnode.mesh.discovery import Discovery, Found
+
+from .config import NodeConfig
+
+__all__ = ["Cluster", "MemberView", "NodeLoad", "NodeMeta"]
+
+log = structlog.get_logger("meshnode.node")
+
+
+class NodeMeta(msgspec.Struct, frozen=True, array_like=True):
+    """Gossiped in alive messages (<= 1 KB). ONLY APPEND fields, each with a default."""
+
+    name: str
+    http_host: str
+    http_port: int
+    ram_mb: int = 0
+    gpus: int = 0
+    engines: tuple[str, ...] = ()
+    replicas: tuple[tuple[str, str], ...] = ()
+    """(deployment name, replica state) for each replica this node runs."""
+    version: str = ""
+
+
+class NodeLoad(msgspec.Struct, frozen=True, array_like=True):
+    """Carried on acks and push-pull (<= 256 B). ONLY APPEND fields, each with a default."""
+
+    in_flight: int = 0
+
+
+class MemberView(msgspec.Struct, frozen=True, kw_only=True):
+    """A member as GET /v1/cluster/nodes shows it."""
+
+    name: str
+    node_id: str
+    address: str
+    http: str
+    state: str
+    incarnation: int
+    models: list[str]
+    load: int
+    since_s: float
+    """Seconds since the member's state last changed, as this node saw it."""
+    local: bool
+
+
+_meta_decoder = msgspec.msgpack.Decoder(NodeMeta)
+_load_decoder = msgspec.msgpack.Decoder(NodeLoad)
+
+
+def _decode(decoder: msgspec.msgpack.Decoder, data: bytes) -> object | None:
+    try:
+        return decoder.decode(data) if data else None
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+class _Delegate:
+    def __init__(self, meta: Callable[[], NodeMeta], load: Callable[[], NodeLoad]) -> None:
+        self.meta, self.load = meta, load
+
+    def node_meta(self) -> bytes:
+        return msgspec.msgpack.encode(self.meta())
+
+    def local_load(self) -> bytes:
+        return msgspec.msgpack.encode(self.load())
+
+
+def _parse_seed(seed: str, default_port: int) -> tuple[str, int]:
+    host, _, port = seed.rpartition(":") if ":" in seed else (seed, "", str(default_port))
+    return host, int(port)
+
+
+class Cluster:
+    def __init__(self, config: NodeConfig, node_id: str, meta: Callable[[], NodeMeta],
+                 load: Callable[[], NodeLoad]) -> None:
+        self.config = config
+        self.node_id = node_id
+        self._delegate = _Delegate(meta, load)
+        preset = MeshConfig.local if config.mesh_preset == "local" else MeshConfig.lan
+        bind_host = config.bind or config.host
+        advertise = None
+        if config.advertise_addr:
+            host, port = _parse_seed(config.advertise_addr, config.gossip_port)
+            advertise = (host, port)
+        self.mesh = Mesh(preset(), node_id=node_id, name=config.name,
+                         bind=(bind_host, config.gossip_port), advertise=advertise,
+                         cluster=config.cluster, delegate=self._delegate)
+        self.discovery: Discovery | None = None
+        self._seeds = [_parse_seed(s, 7701) for s in config.join]
+        self._tasks: list[asyncio.Task[None]] = []
+        self._last_meta = b""
+
+    async def __aenter__(self) -> "Cluster":
+        await self.mesh.start()
+        self._last_meta = self._delegate.node_meta()
+        self._tasks.append(asyncio.create_task(self._watch_meta(), name="cluster:meta"))
+        if self._seeds:
+            self._tasks.append(asyncio.create_task(self._join_seeds(), name="cluster:join"))
+        mdns_ip = self._mdns_ip()
+        if mdns_ip is not None:
+            self.discovery = Discovery(
+                node_id=self.node_id, cluster=self.config.cluster, bind_ip=mdns_ip,
+                gossip_port=self.mesh.address[1], http_port=self.config.http_port,
+                protocol=PROTOCOL_VERSION, on_found=self._found)
+            await self.discovery.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _mdns_ip(self) -> str | None:
+        """mDNS only where the node is bound, never on loopback, never when told not to."""
+        if not self.config.mdns:
+            return None
+        ip = self.config.interface or self.mesh.address[0]
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return None
+        return None if addr.is_loopback or addr.is_unspecified else ip
+
+    def _found(self, found: Found) -> None:
+        if any(m.node_id == found.node_id and m.state is MemberState.ALIVE
+               for m in self.mesh.members()):
+            return
+        task = asyncio.create_task(self._try_join([(found.host, found.gossip_port)]))
+        self._tasks.append(task)
+
+    async def _try_join(self, seeds: list[tuple[str, int]]) -> bool:
+        try:
+            await self.mesh.join(seeds)
+            return True
+        except Exception as exc:  # JoinError, OSError: the seed may come up later
+            log.info("cluster.join_failed", seeds=seeds, error=str(exc))
+            return False
+
+    async def _join_seeds(self) -> None:
+        """Join the seeds; retry those we cannot reach while we are alone (rejoin)."""
+        delay = 1.0
+        while True:
+            alive = [m for m in self.mesh.members() if m.state is MemberState.ALIVE]
+            if len(alive) <= 1:
+                if await self._try_join(self._seeds):
+                    delay = 1.0
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    async def _watch_meta(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            meta = self._delegate.node_meta()
+            if meta != self._last_meta:
+                self._last_meta = meta
+                self.mesh.update_meta()
+
+    def refresh_meta(self) -> None:
+        """Gossip a changed meta now rather than at the next check."""
+        meta = self._delegate.node_meta()
+        if meta != self._last_meta:
+            self._last_meta = meta
+            self.mesh.update_meta()
+
+    async def leave(self, timeout_s: float = 3.0) -> None:
+        with contextlib.suppress(Exception):
+            await self.mesh.leave(timeout_s)
+
+    async def close(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.discovery is not None:
+            await self.discovery.close()
+        await self.mesh.close()
+
+    def members(self) -> list[MemberView]:
+        now = asyncio.get_running_loop().time()
+        views = []
+        for m in sorted(self.mesh.members(), key=lambda m: m.name):
+            meta = _decode(_meta_decoder, m.meta)
+            load = _decode(_load_decoder, m.load)
+            views.append(MemberView(
+                name=m.name, node_id=m.node_id, address=f"{m.addr[0]}:{m.addr[1]}",
+                http=f"{meta.http_host}:{meta.http_port}" if isinstance(meta, NodeMeta) else "",
+                state=m.state.name.lower(), incarnation=m.incarnation,
+                models=[f"{d}({s})" for d, s in meta.replicas] if isinstance(meta, NodeMeta)
+                else [],
+                load=load.in_flight if isinstance(load, NodeLoad) else 0,
+                since_s=round(max(0.0, now - m.state_change), 1),
+                local=m.node_id == self.node_id))
+        return views
+
+    def member(self, node_id: str) -> Member | None:
+        return next((m for m in self.mesh.members() if m.node_id == node_id), None)
