@@ -72,6 +72,8 @@ class EngineProcess:
         self.socket_path = socket_path or str(run_dir / f"{launch.served_name}.{os.getpid()}.sock")
         self.log_path = log_path
         self.command = command or command_for(launch, self.socket_path)
+        self.base_url = self.command.base_url or "http://engine"
+        """Prefix of the engine's URLs for `session`: its Unix socket, or its TCP address."""
         self.state = EngineState.STOPPED
         self.reason = ""
         self.info: dict[str, object] = {}
@@ -87,8 +89,10 @@ class EngineProcess:
 
     async def __aenter__(self) -> "EngineProcess":
         if self._task is None:
+            connector = (aiohttp.TCPConnector(limit=0) if self.command.base_url
+                         else aiohttp.UnixConnector(path=self.socket_path, limit=0))
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.UnixConnector(path=self.socket_path, limit=0),
+                connector=connector,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
             )
             await self._set(EngineState.STARTING)
@@ -160,9 +164,10 @@ class EngineProcess:
                 failed_starts += 1
                 crashes += 1
                 reason = self.reason
-                if failed_starts >= self.config.start_failures_max:
-                    await self._set(EngineState.FAILED, reason)
-                    return
+            await self._kill()  # the leader is gone: so goes its group (vLLM's engine core)
+            if failed_starts >= self.config.start_failures_max:
+                await self._set(EngineState.FAILED, reason)
+                return
             self.restarts += 1
             delay = min(self.config.backoff_max_s, self.config.backoff_s * 2 ** max(0, crashes - 1))
             await self._set(EngineState.RESTARTING, reason)
@@ -190,7 +195,7 @@ class EngineProcess:
                               f"{self.log_tail()}"
                 return False
             try:
-                async with self._session.get("http://engine" + self.command.health_path) as resp:
+                async with self._session.get(self.base_url + self.command.health_path) as resp:
                     body = await resp.json(content_type=None) if resp.content_length else None
                     if resp.status == 200:
                         self.info = body if isinstance(body, dict) else {}
@@ -207,7 +212,12 @@ class EngineProcess:
 
     async def _kill(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.returncode is not None:
+        if proc is None:
+            return
+        if proc.returncode is not None:
+            # The leader died (a crash, a kill -9): its children (vLLM's engine core) may not.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)

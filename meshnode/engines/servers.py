@@ -2,8 +2,8 @@
 
 llama.cpp, transformers and MLX run inside `meshnode.engines.host`; vLLM and SGLang run their
 own OpenAI-compatible servers (adapters in vllm.py and sglang.py build their command lines).
-Either way the node reaches the process over HTTP on `socket_path` and polls `health_path`
-until it answers 200.
+Either way the node reaches the process over HTTP on `socket_path` (or at `base_url`, for a
+server that only listens on TCP) and polls `health_path` until it answers 200.
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ class Command(msgspec.Struct, frozen=True, kw_only=True):
     """GET here answers 200 once the engine serves."""
     cleanup: tuple[str, ...] = ()
     """Files or folders the engine leaves behind, removed when it stops."""
+    base_url: str = ""
+    """For a server that listens only on TCP (SGLang): "http://127.0.0.1:PORT", reached
+    instead of the Unix socket. Empty: the Unix socket."""
 
 
 def command_for(launch: EngineLaunch, socket_path: str, parent_pid: int | None = None) -> Command:
