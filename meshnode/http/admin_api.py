@@ -1,4 +1,5 @@
-"""Admin routes: deployments (launch, list, describe, scale, stop), catalogue, health."""
+"""Admin routes: deployments (launch, list, describe, scale, stop), catalogue, health; and the
+node-to-node deployment table that peers pull to stay in sync."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from aiohttp import web
 
 from meshnode import __version__
 from meshnode.engines import InvalidRequest, decode_request
-from meshnode.node import LaunchRequest, ScaleRequest
+from meshnode.node import INTERNAL_DEPLOYMENTS_PATH, LaunchRequest, ScaleRequest
 
 from .keys import NODE
 
@@ -70,6 +71,13 @@ async def engines(request: web.Request) -> web.Response:
 @routes.get("/v1/cluster/nodes")
 async def cluster_nodes(request: web.Request) -> web.Response:
     return _json({"object": "list", "data": request.app[NODE].members()})
+
+
+@routes.get(INTERNAL_DEPLOYMENTS_PATH)
+async def internal_deployments(request: web.Request) -> web.Response:
+    """Node to node: the whole deployment table, tombstones included (msgpack), for sync."""
+    return web.Response(body=request.app[NODE].deployment_entries(),
+                        content_type="application/msgpack")
 
 
 @routes.get("/health")

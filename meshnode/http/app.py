@@ -17,7 +17,7 @@ from aiohttp import web
 
 from meshnode.node import Node, NodeConfig
 
-from . import admin_api, openai_api
+from . import admin_api, forward, openai_api
 from .errors import error_middleware
 from .keys import NODE
 from .middleware import request_id_middleware
@@ -37,6 +37,7 @@ def build_app(node: Node) -> web.Application:
             yield
 
     app.cleanup_ctx.append(node_ctx)
+    app.cleanup_ctx.append(forward.session_ctx())
     app.add_routes(openai_api.routes)
     app.add_routes(admin_api.routes)
     return app
@@ -56,6 +57,8 @@ async def serve(config: NodeConfig, ready: asyncio.Event | None = None) -> None:
         await site.start()
         port = runner.addresses[0][1] if runner.addresses else config.http_port
         node.http_port = port
+        if node.cluster is not None:
+            node.cluster.refresh_meta()  # peers learn our real HTTP port now
         gossip = node.cluster.mesh.address if node.cluster is not None else ("", 0)
         log.info("node.listening", node=node.name, url=f"http://{config.host}:{port}",
                  gossip=f"{gossip[0]}:{gossip[1]}", data_dir=str(node.data_dir),

@@ -1,4 +1,9 @@
-"""OpenAI routes: chat completions, completions, models."""
+"""OpenAI routes: chat completions, completions, embeddings, rerank, models.
+
+A request names a deployment in `model`; any node answers it: `dispatch` sends it to the
+replica the router picks (here or on a peer). /v1/models lists every deployment in the
+cluster with its ready replicas.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +17,10 @@ from meshnode.engines import (
     RerankRequest,
     decode_request,
 )
-from meshnode.node import DeploymentView, ModelNotFound
+from meshnode.node import DeploymentView, ModelNotFound, request_key
 
+from .forward import dispatch
 from .keys import NODE
-from .relay import relay
 
 __all__ = ["routes"]
 
@@ -26,36 +31,30 @@ routes = web.RouteTableDef()
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await request.read()
     req = decode_request(body, ChatCompletionRequest)
-    node = request.app[NODE]
-    replica = node.replica(req.model)
-    if "chat" not in replica.abilities:
+    if "chat" not in request.app[NODE].abilities(req.model):
         raise InvalidRequest(
             f"model {req.model!r} is a base model without a chat template: use "
             "/v1/completions, or launch it with an explicit chat_template",
             param="model", code="model_not_chat")
-    return await relay(request, replica, "/v1/chat/completions", body, node.name)
+    return await dispatch(request, req.model, "/v1/chat/completions", body, request_key(req))
 
 
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
     body = await request.read()
     req = decode_request(body, CompletionRequest)
-    node = request.app[NODE]
-    replica = node.replica(req.model)
-    if "completion" not in replica.abilities:
+    if "completion" not in request.app[NODE].abilities(req.model):
         raise InvalidRequest(f"model {req.model!r} does not serve completions", param="model")
-    return await relay(request, replica, "/v1/completions", body, node.name)
+    return await dispatch(request, req.model, "/v1/completions", body, request_key(req))
 
 
 @routes.post("/v1/embeddings")
 async def embeddings(request: web.Request) -> web.StreamResponse:
     body = await request.read()
     req = decode_request(body, EmbeddingRequest)
-    node = request.app[NODE]
-    replica = node.replica(req.model)
-    if "embed" not in replica.abilities:
+    if "embed" not in request.app[NODE].abilities(req.model):
         raise InvalidRequest(f"model {req.model!r} does not serve embeddings", param="model")
-    return await relay(request, replica, "/v1/embeddings", body, node.name)
+    return await dispatch(request, req.model, "/v1/embeddings", body, request_key(req))
 
 
 @routes.post("/v1/rerank")
@@ -64,11 +63,9 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
 async def rerank(request: web.Request) -> web.StreamResponse:
     body = await request.read()
     req = decode_request(body, RerankRequest)
-    node = request.app[NODE]
-    replica = node.replica(req.model)
-    if "rerank" not in replica.abilities:
+    if "rerank" not in request.app[NODE].abilities(req.model):
         raise InvalidRequest(f"model {req.model!r} does not serve rerank", param="model")
-    return await relay(request, replica, "/v1/rerank", body, node.name)
+    return await dispatch(request, req.model, "/v1/rerank", body, request_key(req))
 
 
 def _model(view: DeploymentView) -> dict[str, object]:
@@ -78,7 +75,8 @@ def _model(view: DeploymentView) -> dict[str, object]:
                          "abilities": list(view.abilities),
                          "context_length": view.context_length,
                          "replicas": view.replicas,
-                         "ready_replicas": sum(p.state == "ready" for p in view.placed)}}
+                         "ready_replicas": sum(p.state == "ready" for p in view.placed),
+                         "nodes": [p.node for p in view.placed if p.state == "ready"]}}
 
 
 @routes.get("/v1/models")

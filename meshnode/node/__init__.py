@@ -15,8 +15,10 @@ from .errors import (
     ModelUnavailable,
     NodeError,
 )
-from .node import DeploymentView, Node, NodeState
+from .node import DeploymentView, Node, NodeState, Target
 from .replicas import Replica, ReplicaStatus
+from .router import Router, request_key
+from .sync import INTERNAL_DEPLOYMENTS_PATH
 
 __all__ = [
     "CATALOGUE",
@@ -25,6 +27,7 @@ __all__ = [
     "Deployment",
     "DeploymentExists",
     "DeploymentView",
+    "INTERNAL_DEPLOYMENTS_PATH",
     "InvalidDeployment",
     "LaunchRequest",
     "ModelFailed",
@@ -37,9 +40,12 @@ __all__ = [
     "NodeState",
     "Replica",
     "ReplicaStatus",
+    "Router",
     "ScaleRequest",
+    "Target",
     "default_data_dir",
     "find_spec",
     "load_config",
+    "request_key",
     "locate",
 ]

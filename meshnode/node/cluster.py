@@ -38,6 +38,8 @@ class NodeMeta(msgspec.Struct, frozen=True, array_like=True):
     replicas: tuple[tuple[str, str], ...] = ()
     """(deployment name, replica state) for each replica this node runs."""
     version: str = ""
+    deployments_digest: str = ""
+    """DeploymentTable.digest() of this node: a peer whose digest differs pulls our table."""
 
 
 class NodeLoad(msgspec.Struct, frozen=True, array_like=True):
@@ -101,7 +103,9 @@ class Cluster:
         if config.advertise_addr:
             host, port = _parse_seed(config.advertise_addr, config.gossip_port)
             advertise = (host, port)
-        self.mesh = Mesh(preset(), node_id=node_id, name=config.name,
+        # A node id is the hash of the node's own key, so the same id at a new address after
+        # it died is that node restarted (new DHCP lease, new port): let it reclaim its id.
+        self.mesh = Mesh(preset(dead_node_reclaim_s=1.0), node_id=node_id, name=config.name,
                          bind=(bind_host, config.gossip_port), advertise=advertise,
                          cluster=config.cluster, delegate=self._delegate)
         self.discovery: Discovery | None = None

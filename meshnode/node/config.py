@@ -71,6 +71,12 @@ class NodeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     """Name of an open cluster; nodes of other clusters ignore each other's packets."""
     mesh_preset: Literal["lan", "local"] = "lan"
     """Timing preset of the membership protocol: lan (memberlist defaults) or local (tests)."""
+    tombstone_ttl_s: Annotated[float, Meta(gt=0)] = 3600.0
+    """How long a stopped deployment's tombstone is kept and replicated. A node away longer
+    than this can bring the stopped deployment back; longer costs a few bytes per stop."""
+    reconcile_interval_s: Annotated[float, Meta(gt=0)] = 0.5
+    """How often placement and deployment sync are checked besides membership events: the
+    delay before a node starts a replica it was given, or pulls a table whose digest moved."""
     engine_pythons: dict[str, str] = {}
     """Per-engine interpreter of its own venv, e.g. {"vllm": "/opt/vllm/bin/python"}; engines
     pin conflicting versions. Unlisted engines use the node's own interpreter."""

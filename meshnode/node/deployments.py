@@ -2,11 +2,15 @@
 
 A deployment names a model and how many replicas of it to run. The request's `model` field is
 a deployment's name (which defaults to the model's name). Versions are nanosecond timestamps
-with the origin node as tie-break, so a replicated table can merge last-writer-wins.
+with the origin node as tie-break, so a replicated table can merge last-writer-wins. A stop
+writes a tombstone (`deleted=True`, a newer version) that replicates like any other change and
+is forgotten `tombstone_ttl_s` after it was written; a node that was away longer than that can
+bring a stopped deployment back, so the TTL is a trade of memory against such long absences.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Annotated
 
@@ -46,6 +50,8 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True):
     """Nanosecond timestamp of the last change: the higher version wins a merge."""
     origin: str
     """Name of the node that made the last change."""
+    deleted: bool = False
+    """A tombstone: the deployment was stopped at `version`."""
 
     @classmethod
     def new(cls, *, name: str, model: str, engine: str, replicas: int,
@@ -60,32 +66,75 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True):
                                        version=max(time.time_ns(), self.version + 1),
                                        origin=origin)
 
+    def tombstone(self, origin: str) -> "Deployment":
+        return msgspec.structs.replace(self, deleted=True,
+                                       version=max(time.time_ns(), self.version + 1),
+                                       origin=origin)
+
 
 class DeploymentTable:
-    """Deployments by name. Single-writer on one node; merge() is the replication hook."""
+    """Deployments by name, tombstones included; `merge` is last-writer-wins by (version, origin).
 
-    def __init__(self) -> None:
+    Reads (`in`, `get`, `all`) see live deployments only; `entries` is the whole replicated
+    state. Merging the same entries in any order gives the same table, so two tables that have
+    seen the same writes have the same `digest`.
+    """
+
+    def __init__(self, tombstone_ttl_s: float = 3600.0) -> None:
         self._items: dict[str, Deployment] = {}
+        self.tombstone_ttl_s = tombstone_ttl_s
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        d = self._items.get(name)  # type: ignore[call-overload]
+        return d is not None and not d.deleted
 
     def get(self, name: str) -> Deployment | None:
+        d = self._items.get(name)
+        return d if d is not None and not d.deleted else None
+
+    def entry(self, name: str) -> Deployment | None:
+        """The entry of `name`, a tombstone included."""
         return self._items.get(name)
 
     def put(self, deployment: Deployment) -> None:
         self._items[deployment.name] = deployment
 
-    def remove(self, name: str) -> Deployment | None:
-        return self._items.pop(name, None)
-
     def all(self) -> list[Deployment]:
+        """Live deployments, by name."""
+        return sorted((d for d in self._items.values() if not d.deleted), key=lambda d: d.name)
+
+    def entries(self) -> list[Deployment]:
+        """Every entry, tombstones included, by name: what a peer merges."""
         return sorted(self._items.values(), key=lambda d: d.name)
 
+    def _expired(self, d: Deployment, now_ns: int) -> bool:
+        return d.deleted and now_ns - d.version > self.tombstone_ttl_s * 1e9
+
     def merge(self, other: Deployment) -> bool:
-        """Keep the newer of ours and theirs by (version, origin); True if ours changed."""
+        """Keep the newer of ours and theirs by (version, origin); True if ours changed.
+
+        An expired tombstone is refused, so a purged one does not come back from a peer that
+        has not purged it yet."""
+        if self._expired(other, time.time_ns()):
+            return False
         mine = self._items.get(other.name)
         if mine is not None and (mine.version, mine.origin) >= (other.version, other.origin):
             return False
         self._items[other.name] = other
         return True
+
+    def purge(self) -> int:
+        """Forget expired tombstones; how many."""
+        now = time.time_ns()
+        old = [name for name, d in self._items.items() if self._expired(d, now)]
+        for name in old:
+            del self._items[name]
+        return len(old)
+
+    def digest(self) -> str:
+        """16 hex digits over every (name, version, origin, deleted): equal tables, equal
+        digests; gossiped so peers can tell when to pull."""
+        h = hashlib.blake2b(digest_size=8, person=b"meshnode/deps")
+        for d in self.entries():
+            h.update(msgspec.msgpack.encode((d.name, d.version, d.origin, d.deleted)))
+        return h.hexdigest()

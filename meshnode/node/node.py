@@ -1,8 +1,15 @@
 """The node: configuration, catalogue, deployments and the replicas this node runs.
 
-`Node` is an async context manager. On enter it prepares its directories and launches the
-configured models; on exit it stops every engine process. HTTP handlers call its methods;
-it never renders HTTP.
+`Node` is an async context manager. On enter it joins the mesh, starts its two background
+tasks and launches the configured models; on exit it stops every engine process. HTTP
+handlers call its methods; it never renders HTTP.
+
+Background tasks (owned here, cancelled and awaited on close):
+- `_reconcile_loop`, every `reconcile_interval_s` and at once on a membership event or a
+  table change: pull tables whose gossiped digest differs (sync.py), then place (placement.py):
+  start the replicas this node is a holder of, unload those it no longer holds once their new
+  holders are ready, and those whose deployment is gone at once.
+- `_events_loop`: turns membership events into a wake-up of the reconciler.
 """
 
 from __future__ import annotations
@@ -29,16 +36,26 @@ from meshnode.engines import (
 )
 
 from meshnode import __version__
+from meshnode.mesh import MemberState
 from meshnode.mesh.identity import NodeIdentity
 
-from .catalogue import CATALOGUE, ModelSpec, find_spec, valid_name
+from . import placement
+from .catalogue import CATALOGUE, ModelSource, ModelSpec, find_spec, valid_name
 from .cluster import Cluster, MemberView, NodeLoad, NodeMeta
 from .config import NodeConfig
 from .deployments import Deployment, DeploymentTable, LaunchRequest
-from .errors import DeploymentExists, InvalidDeployment, ModelNotFound, ModelUnavailable
+from .errors import (
+    DeploymentExists,
+    InvalidDeployment,
+    ModelNotFound,
+    ModelUnavailable,
+    NodeError,
+)
 from .replicas import Replica, ReplicaStatus
+from .router import Router
+from .sync import DeploymentSync, Peer, encode_entries
 
-__all__ = ["DeploymentView", "Node", "NodeState"]
+__all__ = ["DeploymentView", "Node", "NodeState", "Target"]
 
 log = structlog.get_logger("meshnode.node")
 
@@ -66,12 +83,29 @@ class DeploymentView(msgspec.Struct, frozen=True, kw_only=True):
     placed: list[ReplicaStatus]
 
 
+class Target(msgspec.Struct, frozen=True):
+    """A node to send a request to: this one (`local`) or a peer at `url`."""
+
+    node_id: str
+    name: str
+    url: str
+    local: bool
+
+
+_PLACEMENT_STATES = (MemberState.ALIVE, MemberState.SUSPECT)
+"""Members placement and routing count on: a suspect keeps its replicas until it is declared
+dead, so a brief suspicion (a busy machine) moves no model and refuses no request; if it is
+really gone, forwarding to it fails at connect and the next replica on the ring is tried."""
+_meta_decoder = msgspec.msgpack.Decoder(NodeMeta)
+_load_decoder = msgspec.msgpack.Decoder(NodeLoad)
+
+
 class Node:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config.resolved()
         self.name = self.config.name
         self.data_dir = Path(self.config.data_dir)
-        self.deployments = DeploymentTable()
+        self.deployments = DeploymentTable(self.config.tombstone_ttl_s)
         self.replicas: dict[str, Replica] = {}
         self.state = NodeState.NEW
         self.started = time.time()
@@ -83,7 +117,13 @@ class Node:
         self.hardware: Hardware | None = None
         self.engines: list[EngineOption] = []
         self.identity: NodeIdentity | None = None
+        self.node_id = ""
         self.cluster: Cluster | None = None
+        self.router = Router()
+        self.sync = DeploymentSync(self.deployments, self._table_changed)
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._metas: dict[bytes, NodeMeta | None] = {}
 
     async def __aenter__(self) -> "Node":
         if self.state is not NodeState.NEW:
@@ -97,10 +137,16 @@ class Node:
                                                self.config.engine_pythons)
         log.info("node.engines", available=[o.engine for o in self.engines if o.available])
         self.identity = await asyncio.to_thread(NodeIdentity.load_or_create, self.data_dir)
+        self.node_id = self.identity.node_id
         self.state = NodeState.RUNNING
         try:
-            self.cluster = Cluster(self.config, self.identity.node_id, self._meta, self._load)
+            self.cluster = Cluster(self.config, self.node_id, self._meta, self._load)
             await self.cluster.__aenter__()
+            await self.sync.__aenter__()
+            self._tasks = [
+                asyncio.create_task(self._reconcile_loop(), name="node:reconcile"),
+                asyncio.create_task(self._events_loop(), name="node:events"),
+            ]
             for model in self.config.models:
                 await self.launch(LaunchRequest(model=model))
         except BaseException:
@@ -116,9 +162,15 @@ class Node:
         if self.state is NodeState.CLOSED:
             return
         self.state = NodeState.CLOSED
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.sync.close()
         if self.cluster is not None:
             await self.cluster.leave()  # others see `left` now, not after a suspicion timeout
-        replicas, self.replicas = list(self.replicas.values()), {}
+        async with self._lock:
+            replicas, self.replicas = list(self.replicas.values()), {}
         await asyncio.gather(*(r.close() for r in replicas), return_exceptions=True)
         if self.cluster is not None:
             await self.cluster.close()
@@ -134,17 +186,126 @@ class Node:
             ram_mb=hw.ram_mb if hw else 0, gpus=len(hw.gpus) if hw else 0,
             engines=tuple(o.engine for o in self.engines if o.available),
             replicas=tuple((name, r.state) for name, r in sorted(self.replicas.items())),
-            version=__version__)
+            version=__version__, deployments_digest=self.deployments.digest())
+
+    def _local_in_flight(self) -> int:
+        return sum(r.in_flight for r in self.replicas.values())
 
     def _load(self) -> NodeLoad:
-        return NodeLoad(in_flight=sum(r.in_flight for r in self.replicas.values()))
+        return NodeLoad(in_flight=self._local_in_flight())
 
     def members(self) -> list[MemberView]:
         return self.cluster.members() if self.cluster is not None else []
 
+    def _decode_meta(self, data: bytes) -> NodeMeta | None:
+        try:
+            return self._metas[data]
+        except KeyError:
+            pass
+        if len(self._metas) > 1024:
+            self._metas.clear()
+        try:
+            meta: NodeMeta | None = _meta_decoder.decode(data) if data else None
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            meta = None
+        self._metas[data] = meta
+        return meta
+
+    def _peers(self, states: tuple[MemberState, ...]) -> list[tuple[str, NodeMeta, bytes]]:
+        """(node id, meta, load bytes) of the other members in `states` with a valid meta."""
+        if self.cluster is None:
+            return []
+        out = []
+        for m in self.cluster.mesh.members():
+            if m.node_id == self.node_id or m.state not in states:
+                continue
+            meta = self._decode_meta(m.meta)
+            if meta is not None:
+                out.append((m.node_id, meta, m.load))
+        return out
+
+    def _placement_view(self) -> dict[str, NodeMeta]:
+        """Node id -> meta of every member placement counts on, this node included (fresh)."""
+        view = {node_id: meta for node_id, meta, _ in self._peers(_PLACEMENT_STATES)}
+        view[self.node_id] = self._meta()
+        return view
+
+    def _table_changed(self) -> None:
+        """The deployment table changed (a local write or a merge): gossip it, place now."""
+        if self.cluster is not None:
+            self.cluster.refresh_meta()
+        self._wake.set()
+
+    # reconciler ---------------------------------------------------------------------------
+
+    async def _events_loop(self) -> None:
+        assert self.cluster is not None
+        async for _ in self.cluster.mesh.events():
+            self._wake.set()
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                if self.deployments.purge():
+                    self._table_changed()
+                self.sync.check(
+                    Peer(node_id, f"http://{meta.http_host}:{meta.http_port}",
+                         meta.deployments_digest)
+                    for node_id, meta, _ in self._peers((MemberState.ALIVE,)))
+                await self._reconcile()
+            except Exception:  # a bug here must not stop placement for good
+                log.exception("reconcile.failed")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.reconcile_interval_s):
+                    await self._wake.wait()
+
+    async def _reconcile(self) -> None:
+        """Start the replicas this node holds; unload those it no longer holds."""
+        closing: list[Replica] = []
+        async with self._lock:
+            if self.state is not NodeState.RUNNING:
+                return
+            view = self._placement_view()
+            live = {d.name: d for d in self.deployments.all()}
+            for name, running in list(self.replicas.items()):
+                d = live.get(name)
+                if d is None or _shape(d) != _shape(running.deployment):
+                    closing.append(self.replicas.pop(name))
+                    log.info("replica.unload", model=name,
+                             reason="stopped" if d is None else "changed")
+            for d in live.values():
+                chosen = placement.holders(d, view, _size_mb(d))
+                replica = self.replicas.get(d.name)
+                if self.node_id in chosen:
+                    if replica is None:
+                        await self._start_replica(d)
+                elif replica is not None and placement.can_unload(d.name, chosen, view):
+                    log.info("replica.unload", model=d.name, reason="moved",
+                             holders=[view[h].name for h in chosen])
+                    closing.append(self.replicas.pop(d.name))
+        if closing:
+            if self.cluster is not None:
+                self.cluster.refresh_meta()
+            await asyncio.gather(*(r.close() for r in closing), return_exceptions=True)
+
+    async def _start_replica(self, deployment: Deployment) -> None:
+        python = self.config.engine_pythons.get(deployment.engine, "")
+        replica = Replica(deployment, _spec_for(deployment), node_name=self.name,
+                          data_dir=self.data_dir, run_dir=self._run_dir or self.data_dir,
+                          threads=self.config.engine_threads, supervisor=self._supervisor,
+                          python=python)
+        self.replicas[deployment.name] = replica
+        await replica.__aenter__()
+        log.info("replica.start", model=deployment.name, engine=deployment.engine)
+        if self.cluster is not None:
+            self.cluster.refresh_meta()
+
     # deployments ------------------------------------------------------------------------
 
     async def launch(self, request: LaunchRequest) -> DeploymentView:
+        """Validate here (model, name, engine on this node), write the deployment, and let
+        placement start it wherever it belongs."""
         spec = find_spec(request.model)
         name = request.name or spec.name
         if not valid_name(name):
@@ -163,8 +324,12 @@ class Node:
                 name=name, model=request.model if spec.family == "local" else spec.name,
                 engine=engine, replicas=request.replicas, chat_template=request.chat_template,
                 context_length=context, origin=self.name)
+            old = self.deployments.entry(name)
+            if old is not None and old.version >= deployment.version:  # clock behind a peer
+                deployment = msgspec.structs.replace(deployment, version=old.version + 1)
             self.deployments.put(deployment)
-            await self._place(deployment, spec)
+        self._table_changed()
+        await self._reconcile()
         log.info("deployment.launched", name=name, model=deployment.model, engine=engine,
                  replicas=deployment.replicas)
         return self.view(name)
@@ -172,10 +337,9 @@ class Node:
     async def stop(self, name: str) -> DeploymentView:
         async with self._lock:
             view = self.view(name)
-            self.deployments.remove(name)
-            replica = self.replicas.pop(name, None)
-        if replica is not None:
-            await replica.close()
+            self.deployments.put(self._get(name).tombstone(self.name))
+        self._table_changed()
+        await self._reconcile()
         log.info("deployment.stopped", name=name)
         return msgspec.structs.replace(view, status="stopped", placed=[])
 
@@ -183,7 +347,13 @@ class Node:
         async with self._lock:
             deployment = self._get(name)
             self.deployments.put(deployment.scaled(replicas, self.name))
+        self._table_changed()
+        await self._reconcile()
         return self.view(name)
+
+    def deployment_entries(self) -> bytes:
+        """The whole table, tombstones included, for a peer's sync (msgpack)."""
+        return encode_entries(self.deployments)
 
     def _get(self, name: str) -> Deployment:
         deployment = self.deployments.get(name)
@@ -221,49 +391,88 @@ class Node:
             row["node"] = self.name
         return rows
 
-    async def _place(self, deployment: Deployment, spec: ModelSpec) -> None:
-        """Single-node placement: one replica here. The mesh spreads the others."""
-        python = self.config.engine_pythons.get(deployment.engine, "")
-        replica = Replica(deployment, spec, node_name=self.name, data_dir=self.data_dir,
-                          run_dir=self._run_dir or self.data_dir, threads=self.config.engine_threads,
-                          supervisor=self._supervisor, python=python)
-        self.replicas[deployment.name] = replica
-        await replica.__aenter__()
-
     # queries ----------------------------------------------------------------------------
 
     def view(self, name: str) -> DeploymentView:
+        """The deployment as the cluster runs it: every replica on a live member, ours too."""
         d = self._get(name)
-        replica = self.replicas.get(name)
-        placed = [replica.status()] if replica is not None else []
+        members = self._placement_view()
+        placed: list[ReplicaStatus] = []
+        for node_id, meta in sorted(members.items(), key=lambda kv: kv[1].name):
+            if node_id == self.node_id:
+                replica = self.replicas.get(name)
+                if replica is not None:
+                    placed.append(replica.status())
+            else:
+                placed += [ReplicaStatus(node=meta.name, state=state)
+                           for n, state in meta.replicas if n == name]
         states = [p.state for p in placed]
-        if not placed:
-            status, message = "unplaced", "no node can hold this model"
-        elif all(s == "ready" for s in states):
-            status, message = ("ready", "") if len(placed) >= d.replicas else (
-                "partial", f"{len(placed)} of {d.replicas} replicas placed: only "
-                           f"{len(placed)} node(s) can hold it")
-        elif any(s == "ready" for s in states):
+        ready = states.count("ready")
+        reason = placement.unplaced_reason(d, members, _size_mb(d))
+        able = len(placement.candidates(d, members, _size_mb(d)))
+        if ready >= d.replicas:
+            status, message = "ready", ""
+        elif ready and able < d.replicas:
+            status, message = "partial", (f"{ready} of {d.replicas} replicas ready: only "
+                                          f"{able} node(s) can hold it")
+        elif ready:
             status, message = "partial", "some replicas are not ready"
-        elif all(s == "failed" for s in states):
-            status, message = "failed", placed[0].reason
+        elif placed and all(s == "failed" for s in states):
+            status, message = "failed", placed[0].reason or "the replica failed to load"
+        elif reason:
+            status, message = "unplaced", reason
         else:
             status, message = "loading", ""
-        abilities = replica.abilities if replica is not None else ()
         return DeploymentView(
             name=d.name, model=d.model, engine=d.engine, replicas=d.replicas,
-            abilities=abilities, context_length=d.context_length, created=d.created,
+            abilities=self.abilities(name), context_length=d.context_length, created=d.created,
             version=d.version, status=status, message=message, placed=placed)
 
     def views(self) -> list[DeploymentView]:
         return [self.view(d.name) for d in self.deployments.all()]
 
+    def abilities(self, name: str) -> tuple[str, ...]:
+        """What deployment `name` serves (chat, completion, embed, rerank); ModelNotFound."""
+        d = self._get(name)
+        replica = self.replicas.get(name)
+        if replica is not None:
+            return replica.abilities
+        abilities = tuple(_spec_for(d).abilities)
+        return abilities + ("chat",) if d.chat_template and "chat" not in abilities \
+            else abilities
+
+    def route(self, name: str, key: bytes) -> list[Target]:
+        """The nodes to try for a request to deployment `name` with routing `key`, in order.
+
+        ModelNotFound for an unknown deployment; ModelUnavailable (or ModelFailed) when no
+        live member has a ready replica."""
+        self._get(name)
+        loads: dict[str, int] = {}
+        where: dict[str, tuple[str, str]] = {}
+        local = self.replicas.get(name)
+        if local is not None and local.state == "ready":
+            loads[self.node_id] = self._local_in_flight()
+            where[self.node_id] = (self.name, "")
+        for node_id, meta, load in self._peers(_PLACEMENT_STATES):
+            if (name, "ready") in meta.replicas:
+                loads[node_id] = _in_flight(load)
+                where[node_id] = (meta.name, f"http://{meta.http_host}:{meta.http_port}")
+        if not loads:
+            if local is not None:
+                local.session()  # raises ModelFailed / ModelUnavailable saying why
+            view = self.view(name)
+            why = view.message or "its replica is still loading"
+            raise ModelUnavailable(f"model {name!r} has no ready replica: {why}; retry shortly")
+        return [Target(n, where[n][0], where[n][1], n == self.node_id)
+                for n in self.router.order(name, key, loads)]
+
     def replica(self, name: str) -> Replica:
-        """The replica that serves `name`; ModelNotFound if there is no such deployment."""
+        """This node's replica of `name`; ModelNotFound if there is no such deployment,
+        ModelUnavailable if this node runs none."""
         self._get(name)
         replica = self.replicas.get(name)
         if replica is None:
-            raise ModelUnavailable(f"model {name!r} has no replica on a reachable node")
+            raise ModelUnavailable(f"model {name!r} has no replica on node {self.name!r}")
         return replica
 
     @staticmethod
@@ -274,3 +483,31 @@ class Node:
         with contextlib.suppress(KeyError):
             return await self.replicas[name].wait_ready(timeout)
         return "missing"
+
+
+def _shape(d: Deployment) -> tuple[object, ...]:
+    """What a running replica depends on: a change of any of these restarts it."""
+    return (d.model, d.engine, d.chat_template, d.context_length, d.created)
+
+
+def _size_mb(d: Deployment) -> int:
+    spec = CATALOGUE.get(d.model)
+    return spec.size_mb if spec is not None else 0
+
+
+def _spec_for(d: Deployment) -> ModelSpec:
+    """The spec of a deployment's model here; a path missing on this node becomes a spec
+    whose replica fails with 'model file not found' (shown in the view)."""
+    try:
+        return find_spec(d.model)
+    except NodeError:
+        return ModelSpec(name=d.name, family="local", abilities=("chat", "completion"),
+                         context_length=d.context_length, formats=("gguf",),
+                         source=ModelSource(kind="path", file=d.model))
+
+
+def _in_flight(load: bytes) -> int:
+    try:
+        return _load_decoder.decode(load).in_flight if load else 0
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return 0

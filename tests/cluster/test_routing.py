@@ -1,0 +1,224 @@
+"""Launch anywhere, route from anywhere: three real nodes on loopback serving real SmolLM2.
+
+One module-scoped cluster; the tests run in file order and each leaves it settled for the
+next: launch + routing, stop from another node, kill -9 of the holder (the replica moves) and
+the restart of that node (it learns the table), then two replicas (prefix affinity and the
+bounded-load rule).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import signal
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from conftest import NodeProcess, get_json, needs_llama
+
+CHAT = "smollm2-135m-instruct"
+pytestmark = [pytest.mark.cluster, pytest.mark.e2e, needs_llama]
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except (OSError, urllib.error.URLError, KeyError):
+            value = None
+        if value:
+            return value
+        time.sleep(0.1)
+    raise TimeoutError(what)
+
+
+def call(url: str, method: str = "GET", body: dict | None = None
+         ) -> tuple[int, dict[str, str], bytes]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def chat_body(prompt: str = "Hi", stream: bool = False, system: str = "Be brief.") -> dict:
+    return {"model": CHAT, "max_tokens": 2, "temperature": 0, "stream": stream,
+            "messages": [{"role": "system", "content": system},
+                         {"role": "user", "content": prompt}]}
+
+
+def ready_nodes(node: NodeProcess, name: str = CHAT) -> list[str]:
+    view = get_json(node.url + f"/v1/deployments/{name}")
+    return sorted(p["node"] for p in view["placed"] if p["state"] == "ready")
+
+
+def all_replicas(nodes: list[NodeProcess], name: str = CHAT) -> list[tuple[str, str]]:
+    """(node, state) of every replica of `name` as each node gossips its own."""
+    out = []
+    for n in nodes:
+        for m in get_json(n.url + "/v1/cluster/nodes")["data"]:
+            if m["local"]:
+                out += [(m["name"], s.split("(")[1].rstrip(")")) for s in m["models"]
+                        if s.split("(")[0] == name]
+    return sorted(out)
+
+
+def start(tmp: Path, name: str, seed: str | None) -> NodeProcess:
+    args = ["--name", name, "--mesh-preset", "local"]
+    return NodeProcess(tmp / name, *args, *(["--join", seed] if seed else []))
+
+
+def alive(node: NodeProcess) -> set[str]:
+    return {m["name"] for m in get_json(node.url + "/v1/cluster/nodes")["data"]
+            if m["state"] == "alive"}
+
+
+def state_of(node: NodeProcess, name: str) -> str:
+    return next(m["state"] for m in get_json(node.url + "/v1/cluster/nodes")["data"]
+                if m["name"] == name)
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, NodeProcess]]:
+    tmp = tmp_path_factory.mktemp("routing")
+    nodes: dict[str, NodeProcess] = {}
+    try:
+        nodes["a"] = start(tmp, "a", None)
+        for name in ("b", "c"):
+            nodes[name] = start(tmp, name, nodes["a"].gossip)
+        for n in nodes.values():
+            wait_for(lambda n=n: alive(n) == {"a", "b", "c"}, 20, "joined")
+        yield nodes
+    finally:
+        for n in nodes.values():
+            n.stop(signal.SIGKILL)
+
+
+def test_launch_on_one_node_route_from_every_node(mesh: dict[str, NodeProcess]) -> None:
+    status, _, body = call(mesh["a"].url + "/v1/deployments", "POST",
+                           {"model": CHAT, "replicas": 1})
+    assert status == 201, body
+    for n in mesh.values():
+        n.wait_ready(CHAT, timeout_s=120)
+    holders = {name: ready_nodes(n) for name, n in mesh.items()}
+    holder = holders["a"][0]
+    assert all(h == [holder] for h in holders.values()), holders
+    for name, n in mesh.items():
+        models = get_json(n.url + "/v1/models")["data"]
+        assert [(m["id"], m["meshnode"]["ready_replicas"]) for m in models] == [(CHAT, 1)]
+        status, headers, body = call(n.url + "/v1/chat/completions", "POST", chat_body())
+        assert status == 200, body
+        assert headers["X-Served-By"] == holder
+        assert json.loads(body)["choices"][0]["message"]["content"] is not None
+        status, headers, body = call(n.url + "/v1/chat/completions", "POST",
+                                     chat_body(stream=True))
+        assert status == 200 and headers["X-Served-By"] == holder
+        assert headers["Content-Type"].startswith("text/event-stream")
+        assert body.rstrip().endswith(b"data: [DONE]")
+        client = openai.OpenAI(base_url=n.url + "/v1", api_key="unused", max_retries=0)
+        raw = client.chat.completions.with_raw_response.create(
+            model=CHAT, max_tokens=2, messages=[{"role": "user", "content": f"Hello {name}"}])
+        assert raw.headers["x-served-by"] == holder
+        assert raw.parse().choices[0].message.role == "assistant"
+    unknown = call(mesh["c"].url + "/v1/chat/completions", "POST",
+                   {**chat_body(), "model": "nope"})
+    assert unknown[0] == 404
+
+
+def test_stop_from_another_node_is_gone_everywhere(mesh: dict[str, NodeProcess]) -> None:
+    status, _, body = call(mesh["a"].url + "/v1/deployments", "POST",
+                           {"model": CHAT, "name": "scratch"})
+    assert status == 201, body
+    wait_for(lambda: get_json(mesh["c"].url + "/v1/deployments/scratch"), 10, "c sees it")
+    status, _, body = call(mesh["c"].url + "/v1/deployments/scratch", "DELETE")
+    assert status == 200 and json.loads(body)["status"] == "stopped"
+    for n in mesh.values():
+        wait_for(lambda n=n: [d["name"] for d in get_json(n.url + "/v1/deployments")["data"]]
+                 == [CHAT], 10, "scratch gone")
+    wait_for(lambda: all_replicas(list(mesh.values()), "scratch") == [], 30,
+             "scratch's replica unloaded")
+    assert call(mesh["b"].url + "/v1/deployments/scratch")[0] == 404
+
+
+def test_killed_holder_moves_and_restarted_node_learns(mesh: dict[str, NodeProcess],
+                                                      tmp_path_factory: pytest.TempPathFactory
+                                                      ) -> None:
+    holder = ready_nodes(mesh["a"])[0]
+    mesh[holder].stop(signal.SIGKILL)
+    survivors = {k: v for k, v in mesh.items() if k != holder}
+    for n in survivors.values():
+        wait_for(lambda n=n: state_of(n, holder) == "dead", 20, f"{holder} declared dead")
+    new_holder = wait_for(lambda: ready_nodes(next(iter(survivors.values()))), 120,
+                          "the replica moved")
+    assert new_holder[0] in survivors
+    for n in survivors.values():
+        wait_for(lambda n=n: ready_nodes(n) == new_holder, 10, "both see the new holder")
+        status, headers, body = call(n.url + "/v1/chat/completions", "POST", chat_body())
+        assert status == 200, body
+        assert headers["X-Served-By"] == new_holder[0]
+    assert all_replicas(list(survivors.values())) == [(new_holder[0], "ready")]
+    # The killed node restarts (same data dir, new process): it learns the table from a peer.
+    old = mesh[holder]
+    seed = survivors[new_holder[0]].gossip
+    mesh[holder] = NodeProcess(old.data_dir, "--name", holder, "--mesh-preset", "local",
+                               "--join", seed)
+    wait_for(lambda: [d["name"] for d in get_json(mesh[holder].url + "/v1/deployments")["data"]]
+             == [CHAT], 20, "restarted node learned the deployments")
+    for n in mesh.values():
+        wait_for(lambda n=n: alive(n) == {"a", "b", "c"}, 20, "rejoined")
+    # Placement is deterministic: it gets its replica back, and then there is exactly one.
+    wait_for(lambda: all_replicas(list(mesh.values())) == [(holder, "ready")], 120,
+             "settled on one replica")
+    status, headers, _ = call(mesh[new_holder[0]].url + "/v1/chat/completions", "POST",
+                              chat_body())
+    assert status == 200 and headers["X-Served-By"] == holder
+
+
+async def test_two_replicas_prefix_affinity_and_bounded_load(
+        mesh: dict[str, NodeProcess]) -> None:
+    status, _, body = call(mesh["b"].url + f"/v1/deployments/{CHAT}", "PATCH", {"replicas": 2})
+    assert status == 200, body
+    two = wait_for(lambda: len(ready_nodes(mesh["a"])) == 2 and ready_nodes(mesh["a"]), 120,
+                   "two replicas ready")
+    for n in mesh.values():
+        wait_for(lambda n=n: ready_nodes(n) == two, 10, "every node sees both")
+    spare = next(name for name in mesh if name not in two)
+    async with aiohttp.ClientSession() as session:
+        async def served_by(node: str, body: dict) -> str:
+            async with session.post(mesh[node].url + "/v1/chat/completions",
+                                    json=body) as resp:
+                assert resp.status == 200, await resp.text()
+                await resp.read()
+                return resp.headers["X-Served-By"]
+
+        # Same prefix (system + first user message), later turns differ: same replica from
+        # every node.
+        body = chat_body("Tell me about cats.")
+        longer = {**body, "messages": [*body["messages"],
+                                       {"role": "assistant", "content": "Cats."},
+                                       {"role": "user", "content": "More."}]}
+        firsts = {await served_by(n, b) for n in mesh for b in (body, longer)}
+        assert len(firsts) == 1
+        # Different prefixes spread over both replicas.
+        spread = Counter([await served_by(spare, chat_body(f"Question {i}?"))
+                          for i in range(8)])
+        assert set(spread) == set(two), spread
+        # 16 at once with one prefix: nobody above ceil(1.25 x the mean).
+        hot = chat_body("The same question, sixteen times.")
+        got = Counter(await asyncio.gather(*(served_by(spare, {**hot, "max_tokens": 1})
+                                             for _ in range(16))))
+        assert sum(got.values()) == 16
+        assert max(got.values()) <= math.ceil(1.25 * 16 / 2), got

@@ -1,0 +1,73 @@
+"""The replicated deployment table: last-writer-wins merge, tombstones, digest."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import msgspec
+
+from meshnode.node.deployments import Deployment, DeploymentTable
+from meshnode.node.sync import decode_entries, encode_entries
+
+
+def dep(name: str, version: int, origin: str = "a", **kw: object) -> Deployment:
+    base = Deployment.new(name=name, model="smollm2-135m-instruct", engine="llama.cpp",
+                          replicas=1, chat_template=None, context_length=2048, origin=origin)
+    return msgspec.structs.replace(base, version=version, **kw)
+
+
+def test_merge_is_last_writer_wins_and_order_free() -> None:
+    now = time.time_ns()
+    writes = [dep("x", now), dep("x", now + 5, replicas=3), dep("x", now + 5, origin="b"),
+              dep("y", now), dep("x", now + 9, deleted=True), dep("z", now + 1)]
+    digests, tables = set(), []
+    for order in itertools.permutations(writes):
+        table = DeploymentTable()
+        for d in order:
+            table.merge(d)
+        digests.add(table.digest())
+        tables.append(table.entries())
+    assert len(digests) == 1 and all(t == tables[0] for t in tables)
+    final = DeploymentTable()
+    for d in writes:
+        final.merge(d)
+    assert "x" not in final and final.get("x") is None and final.entry("x").deleted
+    assert [d.name for d in final.all()] == ["y", "z"]
+
+
+def test_tie_on_version_goes_to_the_larger_origin() -> None:
+    table = DeploymentTable()
+    assert table.merge(dep("x", 10, origin="b"))
+    assert not table.merge(dep("x", 10, origin="a"))
+    assert table.entry("x").origin == "b"
+
+
+def test_relaunch_after_stop_wins_over_the_tombstone() -> None:
+    table = DeploymentTable()
+    d = Deployment.new(name="x", model="m", engine="llama.cpp", replicas=1, chat_template=None,
+                       context_length=128, origin="a")
+    table.put(d.tombstone("c"))
+    assert "x" not in table
+    table.merge(msgspec.structs.replace(d, version=table.entry("x").version + 1))
+    assert "x" in table
+
+
+def test_expired_tombstones_are_purged_and_not_merged_back() -> None:
+    table = DeploymentTable(tombstone_ttl_s=1.0)
+    old = dep("x", time.time_ns() - 2_000_000_000, deleted=True)
+    table.put(old)
+    table.put(dep("y", time.time_ns(), deleted=True))
+    assert table.purge() == 1
+    assert table.entry("x") is None and table.entry("y") is not None
+    assert not table.merge(old)
+
+
+def test_digest_changes_with_any_entry_and_wire_round_trip() -> None:
+    table = DeploymentTable()
+    empty = table.digest()
+    table.put(dep("x", 1))
+    one = table.digest()
+    table.put(dep("x", 1, deleted=True))
+    assert len({empty, one, table.digest()}) == 3 and len(one) == 16
+    assert decode_entries(encode_entries(table)) == table.entries()

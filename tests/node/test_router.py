@@ -1,0 +1,88 @@
+"""Routing keys and choices: same prefix, same replica; bounded loads; same answer anywhere."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import msgspec
+
+from meshnode.engines import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from meshnode.node.router import PREFIX_BYTES, Router, request_key
+
+
+def chat(system: str | None, *turns: str, model: str = "m") -> ChatCompletionRequest:
+    msgs = ([{"role": "system", "content": system}] if system else [])
+    roles = ["user", "assistant"]
+    msgs += [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]
+    return msgspec.convert({"model": model, "messages": msgs}, ChatCompletionRequest)
+
+
+def test_chat_key_is_model_system_and_first_user_message() -> None:
+    base = request_key(chat("be brief", "hello"))
+    assert request_key(chat("be brief", "hello", "hi!", "and then?")) == base  # later turns
+    assert request_key(chat("be brief", "hello2")) != base
+    assert request_key(chat("be long", "hello")) != base
+    assert request_key(chat("be brief", "hello", model="other")) != base
+    parts = msgspec.convert({"model": "m", "messages": [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "hello"}]}]},
+        ChatCompletionRequest)
+    assert request_key(parts) != base  # content parts hash as their JSON
+
+
+def test_completion_key_is_the_first_bytes_of_the_prompt() -> None:
+    def comp(prompt: object) -> bytes:
+        return request_key(msgspec.convert({"model": "m", "prompt": prompt}, CompletionRequest))
+
+    long = "x" * PREFIX_BYTES
+    assert comp(long + "tail one") == comp(long + "tail two")
+    assert comp("short a") != comp("short b")
+    assert comp([1, 2, 3]) != comp([1, 2, 4])
+    emb = msgspec.convert({"model": "m", "input": long + "a"}, EmbeddingRequest)
+    assert request_key(emb) == b"m\0" + long.encode()
+
+
+def test_same_key_same_choice_on_every_node_and_stable() -> None:
+    nodes = {"n1": 0, "n2": 0, "n3": 0}
+    first = Router().order("dep", b"k", nodes)
+    assert sorted(first) == sorted(nodes)
+    for _ in range(3):
+        assert Router().order("dep", b"k", dict(reversed(nodes.items()))) == first
+
+
+def test_keys_spread_over_replicas() -> None:
+    router = Router()
+    nodes = {"n1": 0, "n2": 0}
+    owners = Counter(router.order("dep", f"prompt {i}".encode(), nodes)[0] for i in range(400))
+    assert set(owners) == {"n1", "n2"} and min(owners.values()) > 120
+
+
+def test_bounded_load_spills_a_hot_key() -> None:
+    router = Router()
+    nodes = {"n1": 0, "n2": 0}
+    got: Counter[str] = Counter()
+    tracks = []
+    for _ in range(16):  # 16 concurrent requests with one prefix, counted as forwarded
+        node = router.order("dep", b"hot", nodes)[0]
+        got[node] += 1
+        tracks.append(router.track(node))
+        tracks[-1].__enter__()
+    assert max(got.values()) <= math.ceil(1.25 * 16 / 2)
+    for t in tracks:
+        t.__exit__(None, None, None)
+    assert not router.forwarded
+
+
+def test_gossiped_load_and_own_count_are_not_added() -> None:
+    router = Router()
+    with router.track("n1"), router.track("n1"):
+        # n1's gossip (2) already includes our two: the larger counts, not the sum.
+        owner = router.order("dep", b"k", {"n1": 0, "n2": 0})[0]
+        assert router.order("dep", b"k", {"n1": 2, "n2": 2})[0] == \
+            Router().order("dep", b"k", {"n1": 2, "n2": 2})[0]
+    assert owner in ("n1", "n2")
+
+
+def test_no_ready_replica_gives_no_order() -> None:
+    assert Router().order("dep", b"k", {}) == []
