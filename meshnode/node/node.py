@@ -52,6 +52,7 @@ from .errors import (
     NodeError,
 )
 from .replicas import Replica, ReplicaStatus
+from .views import DeploymentView, deployment_status
 from .router import Router
 from .sync import DeploymentSync, Peer, encode_entries
 
@@ -64,23 +65,6 @@ class NodeState(enum.StrEnum):
     NEW = "new"
     RUNNING = "running"
     CLOSED = "closed"
-
-
-class DeploymentView(msgspec.Struct, frozen=True, kw_only=True):
-    """A deployment as the API shows it: desired state plus where its replicas run."""
-
-    name: str
-    model: str
-    engine: str
-    replicas: int
-    abilities: tuple[str, ...]
-    context_length: int
-    created: int
-    version: int
-    status: str
-    """ready (all replicas ready), partial, loading, failed, or unplaced."""
-    message: str
-    placed: list[ReplicaStatus]
 
 
 class Target(msgspec.Struct, frozen=True):
@@ -406,23 +390,7 @@ class Node:
             else:
                 placed += [ReplicaStatus(node=meta.name, state=state)
                            for n, state in meta.replicas if n == name]
-        states = [p.state for p in placed]
-        ready = states.count("ready")
-        reason = placement.unplaced_reason(d, members, _size_mb(d))
-        able = len(placement.candidates(d, members, _size_mb(d)))
-        if ready >= d.replicas:
-            status, message = "ready", ""
-        elif ready and able < d.replicas:
-            status, message = "partial", (f"{ready} of {d.replicas} replicas ready: only "
-                                          f"{able} node(s) can hold it")
-        elif ready:
-            status, message = "partial", "some replicas are not ready"
-        elif placed and all(s == "failed" for s in states):
-            status, message = "failed", placed[0].reason or "the replica failed to load"
-        elif reason:
-            status, message = "unplaced", reason
-        else:
-            status, message = "loading", ""
+        status, message = deployment_status(d, placed, members, _size_mb(d))
         return DeploymentView(
             name=d.name, model=d.model, engine=d.engine, replicas=d.replicas,
             abilities=self.abilities(name), context_length=d.context_length, created=d.created,

@@ -1,0 +1,55 @@
+"""Deployments as the API shows them: desired state, where replicas run, and a status."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import msgspec
+
+from . import placement
+from .cluster import NodeMeta
+from .deployments import Deployment
+from .replicas import ReplicaStatus
+
+__all__ = ["DeploymentView", "deployment_status"]
+
+
+class DeploymentView(msgspec.Struct, frozen=True, kw_only=True):
+    """A deployment as the API shows it: desired state plus where its replicas run."""
+
+    name: str
+    model: str
+    engine: str
+    replicas: int
+    abilities: tuple[str, ...]
+    context_length: int
+    created: int
+    version: int
+    status: str
+    """ready (all replicas ready), partial, loading, failed, or unplaced."""
+    message: str
+    placed: list[ReplicaStatus]
+
+
+
+def deployment_status(d: Deployment, placed: list[ReplicaStatus],
+                      members: Mapping[str, NodeMeta], size_mb: int) -> tuple[str, str]:
+    """(status, message): ready, partial, failed, unplaced (with why) or loading."""
+    states = [p.state for p in placed]
+    ready = states.count("ready")
+    reason = placement.unplaced_reason(d, members, size_mb)
+    able = len(placement.candidates(d, members, size_mb))
+    if ready >= d.replicas:
+        status, message = "ready", ""
+    elif ready and able < d.replicas:
+        status, message = "partial", (f"{ready} of {d.replicas} replicas ready: only "
+                                      f"{able} node(s) can hold it")
+    elif ready:
+        status, message = "partial", "some replicas are not ready"
+    elif placed and all(s == "failed" for s in states):
+        status, message = "failed", placed[0].reason or "the replica failed to load"
+    elif reason:
+        status, message = "unplaced", reason
+    else:
+        status, message = "loading", ""
+    return status, message
