@@ -23,8 +23,8 @@ import random
 import socket
 import ssl
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Protocol, Self
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from typing import Any, Protocol, Self
 
 import structlog
 
@@ -34,6 +34,7 @@ from .config import MeshConfig
 from .delegate import Delegate
 from .errors import DecodeError, JoinError, MeshStateError
 from .events import Event
+from .eventstream import EventStream
 from .members import Member
 from .swim import Output, Swim
 from .wire import Addr
@@ -110,7 +111,7 @@ class Mesh:
         self._udp: asyncio.DatagramTransport | None = None
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[object]] = set()
-        self._streams: list[_EventStream] = []
+        self._streams: list[EventStream] = []
         self._wake = asyncio.Event()
         self._sleep_until = 0.0
         self._left = asyncio.Event()
@@ -176,8 +177,9 @@ class Mesh:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
-        for stream in list(self._streams):
+        for stream in self._streams:
             stream.end()
+        self._streams.clear()
         if was_running:
             log.info("mesh.close", node=self._node_id)
 
@@ -241,7 +243,11 @@ class Mesh:
     def events(self) -> AsyncIterator[Event]:
         """A stream of every event from now on; it ends when the Mesh closes. A consumer that
         falls events_max behind loses the oldest (counted in stats['events.dropped'])."""
-        return _EventStream(self)
+        closed = self._state is MeshState.CLOSED
+        stream = EventStream(self._events_max, self.stats, closed=closed)
+        if not closed:
+            self._streams.append(stream)
+        return stream
 
     # ---- driving the core ------------------------------------------------------------------
 
@@ -255,8 +261,8 @@ class Mesh:
             raise MeshStateError(f"not running (state {self._state.value})")
         return self._core()
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 
@@ -342,7 +348,7 @@ class Mesh:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         if task is not None:  # connections are background tasks too: close() cancels them
-            self._tasks.add(task)  # type: ignore[arg-type]
+            self._tasks.add(task)
         peername = writer.get_extra_info("peername")
         peer: Addr = (peername[0], peername[1]) if peername else ("?", 0)
         try:
@@ -361,7 +367,7 @@ class Mesh:
         finally:
             writer.close()
             if task is not None:
-                self._tasks.discard(task)  # type: ignore[arg-type]
+                self._tasks.discard(task)
 
     async def _read_frame(self, reader: asyncio.StreamReader) -> bytes:
         header = await reader.readexactly(wire.FRAME_HEADER.size)
@@ -391,38 +397,3 @@ class _Datagrams(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         self._mesh.stats["udp.error"] += 1  # e.g. ICMP port unreachable from a dead peer
-
-
-class _EventStream:
-    """An async iterator over events, registered at creation (so no event between creating
-    it and iterating it is missed)."""
-
-    def __init__(self, mesh: Mesh) -> None:
-        self._mesh = mesh
-        self._queue: asyncio.Queue[Event | None] = asyncio.Queue(mesh._events_max)
-        self._ended = mesh.state is MeshState.CLOSED
-        if not self._ended:
-            mesh._streams.append(self)
-
-    def put(self, event: Event | None) -> None:
-        if self._queue.full():
-            self._queue.get_nowait()
-            self._mesh.stats["events.dropped"] += 1
-        self._queue.put_nowait(event)
-
-    def end(self) -> None:
-        self.put(None)
-        if self in self._mesh._streams:
-            self._mesh._streams.remove(self)
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> Event:
-        if self._ended and self._queue.empty():
-            raise StopAsyncIteration
-        event = await self._queue.get()
-        if event is None:
-            self._ended = True
-            raise StopAsyncIteration
-        return event

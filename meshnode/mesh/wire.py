@@ -92,7 +92,7 @@ class _Msg(Struct, frozen=True, array_like=True, tag_field="t"):
 
 # ---- ONLY APPEND: message types, their tags, and their fields. -------------------------------
 
-class Ping(_Msg, tag="ping"):
+class Ping(_Msg, frozen=True, tag="ping"):
     """Direct probe. ``target`` is the node id the sender means, so a new process that took over
     the address does not answer for the old one."""
 
@@ -100,7 +100,7 @@ class Ping(_Msg, tag="ping"):
     target: NodeId
 
 
-class Ack(_Msg, tag="ack"):
+class Ack(_Msg, frozen=True, tag="ack"):
     """Answer to a Ping (or forwarded by a ping-req relay). Carries the probed node's load,
     ordered by (inc, load_version) so a stale load never replaces a newer one."""
 
@@ -110,14 +110,14 @@ class Ack(_Msg, tag="ack"):
     load_version: U63 = 0
 
 
-class Nack(_Msg, tag="nack"):
+class Nack(_Msg, frozen=True, tag="nack"):
     """From a ping-req relay whose own ping got no ack within probe_timeout: tells the prober
     that the relay is alive (Lifeguard uses missing nacks as a sign of local trouble)."""
 
     seq: U32
 
 
-class PingReq(_Msg, tag="preq"):
+class PingReq(_Msg, frozen=True, tag="preq"):
     """Ask the receiver to ping ``target`` at ``addr`` and forward the ack (ping-req)."""
 
     seq: U32
@@ -126,7 +126,7 @@ class PingReq(_Msg, tag="preq"):
     nack: bool = True
 
 
-class Alive(_Msg, tag="alive"):
+class Alive(_Msg, frozen=True, tag="alive"):
     """The node ``node`` is alive at incarnation ``inc``. Only the node itself raises ``inc``."""
 
     inc: U32
@@ -136,7 +136,7 @@ class Alive(_Msg, tag="alive"):
     meta: MetaBytes = b""
 
 
-class Suspect(_Msg, tag="suspect"):
+class Suspect(_Msg, frozen=True, tag="suspect"):
     """``src`` suspects ``node`` at incarnation ``inc``."""
 
     inc: U32
@@ -144,7 +144,7 @@ class Suspect(_Msg, tag="suspect"):
     src: NodeId
 
 
-class Dead(_Msg, tag="dead"):
+class Dead(_Msg, frozen=True, tag="dead"):
     """``src`` declares ``node`` dead at ``inc``. ``src == node`` means it left gracefully."""
 
     inc: U32
@@ -155,7 +155,7 @@ class Dead(_Msg, tag="dead"):
 Msg: TypeAlias = Ping | Ack | Nack | PingReq | Alive | Suspect | Dead
 
 
-class Compound(_Msg, tag="compound"):
+class Compound(_Msg, frozen=True, tag="compound"):
     """Several messages in one datagram (a probe message plus piggybacked gossip)."""
 
     msgs: Annotated[tuple[Msg, ...], Meta(max_length=COMPOUND_MAX)]
@@ -174,7 +174,7 @@ class NodeState(Struct, frozen=True, array_like=True):
     load_version: U63 = 0
 
 
-class PushPull(_Msg, tag="pushpull"):
+class PushPull(_Msg, frozen=True, tag="pushpull"):
     """Full-state exchange over TCP. ``reply`` is False on the request, True on the answer;
     ``join`` marks the exchange that joins a node to the cluster."""
 
@@ -271,7 +271,7 @@ def decode_frame_length(header: bytes, max_bytes: int) -> int:
     """Body length from a frame header; DecodeError if it is over ``max_bytes`` or empty."""
     if len(header) != FRAME_HEADER.size:
         raise DecodeError("frame", "short frame header")
-    (length,) = FRAME_HEADER.unpack(header)
+    length: int = FRAME_HEADER.unpack(header)[0]
     if length > max_bytes:
         raise DecodeError("oversized", f"frame of {length} > {max_bytes} bytes")
     if length == 0:
