@@ -77,6 +77,10 @@ class Host:
         self.waiting = 0
         self.fingerprint = f"meshnode-{launch.engine}"
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        # An adapter that batches requests itself (`concurrent = True`) has its generators
+        # iterated on a thread each, so that they run together; threads start on demand.
+        self._streams = ThreadPoolExecutor(max_workers=max(1, launch.max_queue),
+                                           thread_name_prefix="stream")
 
     async def load(self) -> None:
         loop = asyncio.get_running_loop()
@@ -107,7 +111,8 @@ class Host:
             finally:
                 loop.call_soon_threadsafe(put, _END)
 
-        future = loop.run_in_executor(self._executor, work)
+        concurrent = getattr(engine, "concurrent", False)
+        future = loop.run_in_executor(self._streams if concurrent else self._executor, work)
         try:
             while (item := await queue.get()) is not _END:
                 if isinstance(item, BaseException):
@@ -120,6 +125,7 @@ class Host:
                 future.add_done_callback(lambda f: f.exception())
 
     def close(self) -> None:
+        self._streams.shutdown(wait=False, cancel_futures=True)  # engine.close() ends them
         self._executor.shutdown(wait=True, cancel_futures=True)
         if self.engine is not None:
             self.engine.close()
