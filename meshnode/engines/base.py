@@ -13,9 +13,10 @@ from typing import Protocol
 
 import msgspec
 
+from .errors import ContextOverflow, InvalidRequest
 from .schema import ChatMessage, SamplingParams
 
-__all__ = ["Engine", "EngineInfo", "Finish", "Prompt"]
+__all__ = ["Engine", "EngineInfo", "Finish", "Prompt", "completion_budget"]
 
 
 class EngineInfo(msgspec.Struct, frozen=True):
@@ -67,3 +68,22 @@ class Engine(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def completion_budget(prompt: Prompt, params: SamplingParams, context: int) -> int:
+    """Tokens this request may generate: max_tokens, or what the context has left.
+
+    InvalidRequest for an empty prompt; ContextOverflow when prompt + max_tokens > context.
+    """
+    n_prompt = len(prompt.tokens)
+    if n_prompt == 0:
+        raise InvalidRequest("prompt is empty after tokenization", param="prompt")
+    room = context - n_prompt
+    max_tokens = params.max_tokens if params.max_tokens is not None else room
+    if room <= 0 or max_tokens > room:
+        raise ContextOverflow(
+            f"this model's context is {context} tokens; the prompt uses {n_prompt} and "
+            f"{max_tokens} more were asked for: shorten the prompt or lower max_tokens",
+            param="messages" if prompt.stop_token_ids else "prompt",
+        )
+    return max_tokens

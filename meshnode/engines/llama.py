@@ -15,8 +15,8 @@ import random
 import threading
 from collections.abc import Iterator, Sequence
 
-from .base import EngineInfo, Finish, Prompt
-from .errors import ContextOverflow, EngineFailed, InvalidRequest
+from .base import EngineInfo, Finish, Prompt, completion_budget
+from .errors import EngineFailed, InvalidRequest
 from .launch import EngineLaunch
 from .schema import ChatMessage, SamplingParams
 from .similarity import cosine_scores
@@ -99,16 +99,7 @@ class LlamaEngine:
                  cancel: threading.Event) -> Iterator[str | Finish]:
         n_ctx = self._llm.n_ctx()
         n_prompt = len(prompt.tokens)
-        if n_prompt == 0:
-            raise InvalidRequest("prompt is empty after tokenization", param="prompt")
-        room = n_ctx - n_prompt
-        max_tokens = params.max_tokens if params.max_tokens is not None else room
-        if room <= 0 or max_tokens > room:
-            raise ContextOverflow(
-                f"this model's context is {n_ctx} tokens; the prompt uses {n_prompt} and "
-                f"{max_tokens} more were asked for: shorten the prompt or lower max_tokens",
-                param="messages" if prompt.stop_token_ids else "prompt",
-            )
+        max_tokens = completion_budget(prompt, params, n_ctx)
         if max_tokens == 0:
             yield Finish("length", n_prompt, 0)
             return

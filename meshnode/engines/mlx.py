@@ -24,8 +24,8 @@ from typing import Any
 
 import structlog
 
-from .base import EngineInfo, Finish, Prompt
-from .errors import ContextOverflow, EngineFailed, InvalidRequest
+from .base import EngineInfo, Finish, Prompt, completion_budget
+from .errors import EngineFailed, InvalidRequest
 from .launch import EngineLaunch
 from .schema import ChatMessage, SamplingParams
 from .stops import StopMatcher
@@ -121,18 +121,8 @@ class MlxEngine:
 
     def generate(self, prompt: Prompt, params: SamplingParams,
                  cancel: threading.Event) -> Iterator[str | Finish]:
-        n_ctx = self.info.context_length
         n_prompt = len(prompt.tokens)
-        if n_prompt == 0:
-            raise InvalidRequest("prompt is empty after tokenization", param="prompt")
-        room = n_ctx - n_prompt
-        max_tokens = params.max_tokens if params.max_tokens is not None else room
-        if room <= 0 or max_tokens > room:
-            raise ContextOverflow(
-                f"this model's context is {n_ctx} tokens; the prompt uses {n_prompt} and "
-                f"{max_tokens} more were asked for: shorten the prompt or lower max_tokens",
-                param="messages" if prompt.stop_token_ids else "prompt",
-            )
+        max_tokens = completion_budget(prompt, params, self.info.context_length)
         if max_tokens == 0:
             yield Finish("length", n_prompt, 0)
             return

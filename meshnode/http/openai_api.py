@@ -19,6 +19,7 @@ from meshnode.engines import (
 )
 from meshnode.node import DeploymentView, ModelNotFound, request_key
 
+from .errors import Handler
 from .forward import dispatch
 from .keys import NODE
 
@@ -27,45 +28,33 @@ __all__ = ["routes"]
 routes = web.RouteTableDef()
 
 
-@routes.post("/v1/chat/completions")
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    body = await request.read()
-    req = decode_request(body, ChatCompletionRequest)
-    if "chat" not in request.app[NODE].abilities(req.model):
-        raise InvalidRequest(
-            f"model {req.model!r} is a base model without a chat template: use "
-            "/v1/completions, or launch it with an explicit chat_template",
-            param="model", code="model_not_chat")
-    return await dispatch(request, req.model, "/v1/chat/completions", body, request_key(req))
+def _not_served(model: str, ability: str) -> InvalidRequest:
+    if ability == "chat":
+        return InvalidRequest(
+            f"model {model!r} is a base model without a chat template: use /v1/completions, "
+            "or launch it with an explicit chat_template", param="model", code="model_not_chat")
+    what = {"completion": "completions", "embed": "embeddings"}.get(ability, ability)
+    return InvalidRequest(f"model {model!r} does not serve {what}", param="model")
 
 
-@routes.post("/v1/completions")
-async def completions(request: web.Request) -> web.StreamResponse:
-    body = await request.read()
-    req = decode_request(body, CompletionRequest)
-    if "completion" not in request.app[NODE].abilities(req.model):
-        raise InvalidRequest(f"model {req.model!r} does not serve completions", param="model")
-    return await dispatch(request, req.model, "/v1/completions", body, request_key(req))
+def _inference(path: str, schema: type, ability: str) -> Handler:
+    """A thin handler: decode and check the body, then route it to a replica unchanged."""
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        req = decode_request(body, schema)
+        if ability not in request.app[NODE].abilities(req.model):
+            raise _not_served(req.model, ability)
+        return await dispatch(request, req.model, path, body, request_key(req))
+    return handler
 
 
-@routes.post("/v1/embeddings")
-async def embeddings(request: web.Request) -> web.StreamResponse:
-    body = await request.read()
-    req = decode_request(body, EmbeddingRequest)
-    if "embed" not in request.app[NODE].abilities(req.model):
-        raise InvalidRequest(f"model {req.model!r} does not serve embeddings", param="model")
-    return await dispatch(request, req.model, "/v1/embeddings", body, request_key(req))
-
-
-@routes.post("/v1/rerank")
-@routes.post("/v2/rerank")
-@routes.post("/rerank")
-async def rerank(request: web.Request) -> web.StreamResponse:
-    body = await request.read()
-    req = decode_request(body, RerankRequest)
-    if "rerank" not in request.app[NODE].abilities(req.model):
-        raise InvalidRequest(f"model {req.model!r} does not serve rerank", param="model")
-    return await dispatch(request, req.model, "/v1/rerank", body, request_key(req))
+for _path, _schema, _ability, _aliases in (
+        ("/v1/chat/completions", ChatCompletionRequest, "chat", ()),
+        ("/v1/completions", CompletionRequest, "completion", ()),
+        ("/v1/embeddings", EmbeddingRequest, "embed", ()),
+        ("/v1/rerank", RerankRequest, "rerank", ("/v2/rerank", "/rerank"))):
+    for _alias in (_path, *_aliases):
+        routes.post(_alias)(_inference(_path, _schema, _ability))
 
 
 def _model(view: DeploymentView) -> dict[str, object]:

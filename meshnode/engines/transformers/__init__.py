@@ -24,9 +24,9 @@ from typing import Any
 
 import structlog
 
-from ..base import EngineInfo, Finish, Prompt
+from ..base import EngineInfo, Finish, Prompt, completion_budget
 from ..convert import ensure_safetensors
-from ..errors import ContextOverflow, EngineFailed, InvalidRequest
+from ..errors import EngineFailed, InvalidRequest
 from ..launch import EngineLaunch
 from ..schema import ChatMessage, SamplingParams
 from ..similarity import cosine_scores
@@ -164,16 +164,7 @@ class TransformersEngine:
         if batcher is None:
             raise InvalidRequest("this model does not generate text", param="model")
         n_prompt = len(prompt.tokens)
-        if n_prompt == 0:
-            raise InvalidRequest("prompt is empty after tokenization", param="prompt")
-        room = self._context - n_prompt
-        max_tokens = params.max_tokens if params.max_tokens is not None else room
-        if room <= 0 or max_tokens > room:
-            raise ContextOverflow(
-                f"this model's context is {self._context} tokens; the prompt uses {n_prompt} "
-                f"and {max_tokens} more were asked for: shorten the prompt or lower max_tokens",
-                param="messages" if prompt.stop_token_ids else "prompt",
-            )
+        max_tokens = completion_budget(prompt, params, self._context)
         if max_tokens == 0:
             yield Finish("length", n_prompt, 0)
             return
