@@ -158,6 +158,21 @@ class OpenAISpec:
         validator.validate(instance)  # type: ignore[attr-defined]
 
 
+def completion_chunk_as_spec(chunk: dict) -> dict:
+    """A completions stream chunk in the shape the spec's CreateCompletionResponse checks.
+
+    The spec types finish_reason as a string, but OpenAI itself (and we, and vLLM) send null
+    until the last chunk of a stream; everything else is checked against the schema.
+    """
+    chunk = json.loads(json.dumps(chunk))
+    for choice in chunk["choices"]:
+        if choice["finish_reason"] is None:
+            choice["finish_reason"] = "stop"
+    if chunk.get("usage", 0) is None:
+        del chunk["usage"]
+    return chunk
+
+
 @pytest.fixture(scope="session")
 def openai_spec() -> OpenAISpec:
     if not SPEC_PATH.is_file():

@@ -19,7 +19,7 @@ from typing import Any
 
 import openai
 import pytest
-from conftest import NodeProcess, OpenAISpec, get_json
+from conftest import NodeProcess, OpenAISpec, completion_chunk_as_spec, get_json
 
 CHAT = "smol-tf"
 EMBED = "all-minilm-l6-v2"
@@ -125,16 +125,6 @@ def test_chat_stream(client: openai.OpenAI, openai_spec: OpenAISpec) -> None:
     assert sum(1 for _ in stream) >= 2
 
 
-def _completion_chunk_as_spec(chunk: dict) -> dict:
-    # The spec types finish_reason as a string; OpenAI sends null until the last chunk.
-    chunk = json.loads(json.dumps(chunk))
-    for choice in chunk["choices"]:
-        if choice["finish_reason"] is None:
-            choice["finish_reason"] = "stop"
-    if chunk.get("usage", 0) is None:
-        del chunk["usage"]
-    return chunk
-
 
 def test_completions_and_stream(client: openai.OpenAI, openai_spec: OpenAISpec) -> None:
     raw = client.completions.with_raw_response.create(
@@ -149,7 +139,7 @@ def test_completions_and_stream(client: openai.OpenAI, openai_spec: OpenAISpec) 
         lines = [line for line in resp.iter_lines() if line]
     chunks = [json.loads(line[6:]) for line in lines[:-1]]
     for chunk in chunks[:-1]:
-        openai_spec.validate("CreateCompletionResponse", _completion_chunk_as_spec(chunk))
+        openai_spec.validate("CreateCompletionResponse", completion_chunk_as_spec(chunk))
     assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == full.choices[0].text
     assert chunks[-1]["usage"]["completion_tokens"] == full.usage.completion_tokens
     assert chunks[-1]["usage"]["prompt_tokens"] == full.usage.prompt_tokens

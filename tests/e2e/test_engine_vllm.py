@@ -21,7 +21,15 @@ from pathlib import Path
 import jsonschema
 import openai
 import pytest
-from conftest import ROOT, NodeProcess, OpenAISpec, _missing, get_json, pid_alive
+from conftest import (
+    ROOT,
+    NodeProcess,
+    OpenAISpec,
+    _missing,
+    completion_chunk_as_spec,
+    get_json,
+    pid_alive,
+)
 
 from meshnode.engines.external import private_tmp_dir
 
@@ -177,16 +185,6 @@ def validate(spec: OpenAISpec, schema: str, body: dict) -> None:
                 owner = owner[step]
             del owner[key]
 
-
-def completion_chunk_as_spec(chunk: dict) -> dict:
-    # The spec types finish_reason as a string; OpenAI (and vLLM) send null until the end.
-    chunk = json.loads(json.dumps(chunk))
-    for choice in chunk["choices"]:
-        if choice["finish_reason"] is None:
-            choice["finish_reason"] = "stop"
-    if chunk.get("usage", 0) is None:
-        del chunk["usage"]
-    return chunk
 
 
 def api_server(members: list[int]) -> int:

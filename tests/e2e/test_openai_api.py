@@ -9,7 +9,7 @@ import aiohttp
 import openai
 import pytest
 
-from conftest import NodeProcess, OpenAISpec
+from conftest import NodeProcess, OpenAISpec, completion_chunk_as_spec
 
 CHAT = "smollm2-135m-instruct"
 BASE = "gemma-3-270m"
@@ -107,22 +107,11 @@ def test_completions_stream(client: openai.OpenAI, openai_spec: OpenAISpec) -> N
     assert lines[-1] == "data: [DONE]"
     chunks = [json.loads(line[6:]) for line in lines[:-1]]
     for chunk in chunks[:-1]:
-        openai_spec.validate("CreateCompletionResponse", _completion_chunk_as_spec(chunk))
+        openai_spec.validate("CreateCompletionResponse", completion_chunk_as_spec(chunk))
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 10
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
     assert len({c["id"] for c in chunks}) == 1
 
-
-def _completion_chunk_as_spec(chunk: dict) -> dict:
-    # The spec types finish_reason as a string, but OpenAI itself sends null until the last
-    # chunk of a stream (as we do); check everything else against the schema.
-    chunk = json.loads(json.dumps(chunk))
-    for choice in chunk["choices"]:
-        if choice["finish_reason"] is None:
-            choice["finish_reason"] = "stop"
-    if chunk.get("usage", 0) is None:
-        del chunk["usage"]
-    return chunk
 
 
 def test_completions_token_ids_and_batch(client: openai.OpenAI) -> None:
