@@ -266,10 +266,11 @@ async def _stream(request: web.Request, items: AsyncIterator[str | Finish],
                 break
             await response.write(out.delta(item))
             item = await anext(items)
+        await response.write(SSE_DONE)
     except EngineError as exc:
+        # An error mid-stream is the stream's last event: no [DONE] after it.
         await response.write(sse({"error": {"message": str(exc), "type": "server_error",
                                             "param": None, "code": None}}))
-    await response.write(SSE_DONE)
     await response.write_eof()
     return response
 

@@ -181,3 +181,26 @@ def test_cli_launch_ps_stop(own_node: NodeProcess) -> None:
     down = subprocess.run([sys.executable, "-m", "meshnode", "ps", "--endpoint",
                            "http://127.0.0.1:9"], capture_output=True, text=True)
     assert down.returncode == 1 and "cannot reach a node" in down.stderr
+
+
+def test_engine_death_mid_stream_ends_stream_with_error(own_node: NodeProcess) -> None:
+    host, port = own_node.url.removeprefix("http://").split(":")
+    body = json.dumps({"model": CHAT, "prompt": "Write a very long story.", "stream": True,
+                       "max_tokens": 4000, "temperature": 1.0}).encode()
+    pid = own_node.engine_pids()[CHAT]
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                  b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+                  + body)
+        seen = b""
+        while b"data: " not in seen:
+            chunk = s.recv(65536)
+            assert chunk, seen
+            seen += chunk
+        os.kill(pid, signal.SIGKILL)
+        while chunk := s.recv(65536):
+            seen += chunk
+    events = [line[6:] for line in seen.split(b"\n") if line.startswith(b"data: ")]
+    last = json.loads(events[-1])
+    assert last["error"]["code"] == "engine_crashed" and last["error"]["message"]
+    assert b"[DONE]" not in events[-1]
