@@ -93,8 +93,10 @@ def start_node(data_dir: str, threads: int) -> tuple[subprocess.Popen, str]:
          "--model", MODEL, "--log-level", "warning", "--gossip-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
     assert proc.stdout is not None
-    url = proc.stdout.readline().decode().strip().rsplit(" ", 1)[1]
-    return proc, url
+    while "listening on " not in (line := proc.stdout.readline().decode()):
+        if not line:
+            raise RuntimeError("the node exited before listening")
+    return proc, line.strip().rsplit(" ", 1)[1]
 
 
 async def wait_ready(url: str) -> None:
