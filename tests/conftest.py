@@ -158,6 +158,12 @@ class OpenAISpec:
         validator.validate(instance)  # type: ignore[attr-defined]
 
 
+def openai_client(url: str):
+    """The official client against a node (closed by `with`), no retries: tests see each error."""
+    import openai
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+
 def completion_chunk_as_spec(chunk: dict) -> dict:
     """A completions stream chunk in the shape the spec's CreateCompletionResponse checks.
 

@@ -145,8 +145,7 @@ class LlamaEngine:
         finally:
             tokens.close()
         if not stopped_by_string:
-            text, hit = stops.feed(decoder.decode(b"", final=True))
-            tail = text if hit else text + stops.flush()
+            tail, _ = stops.finish(decoder.decode(b"", final=True))
             if tail:
                 yield tail
         yield Finish(reason, n_prompt, produced)

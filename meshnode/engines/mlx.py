@@ -181,8 +181,7 @@ class MlxEngine:
         finally:
             steps.close()
         if not stopped_by_string:
-            text, hit = stops.feed(detokenizer.flush())
-            tail = text if hit else text + stops.flush()
+            tail, _ = stops.finish(detokenizer.flush())
             if tail:
                 yield tail
         yield Finish(reason, n_prompt, produced)

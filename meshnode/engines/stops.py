@@ -33,6 +33,12 @@ class StopMatcher:
         self._pending = pending[len(pending) - hold:] if hold else ""
         return pending[:len(pending) - hold], False
 
+    def finish(self, last: str) -> tuple[str, bool]:
+        """Feed the decoder's last text once generation ended; return everything still to
+        send (the held-back tail too, unless a stop sequence completed) and whether it did."""
+        text, hit = self.feed(last)
+        return (text, True) if hit else (text + self.flush(), False)
+
     def flush(self) -> str:
         """The held-back text, once generation ended without a stop sequence."""
         text, self._pending = self._pending, ""

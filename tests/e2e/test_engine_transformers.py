@@ -19,7 +19,7 @@ from typing import Any
 
 import openai
 import pytest
-from conftest import NodeProcess, OpenAISpec, completion_chunk_as_spec, get_json
+from conftest import NodeProcess, OpenAISpec, completion_chunk_as_spec, get_json, openai_client
 
 CHAT = "smol-tf"
 EMBED = "all-minilm-l6-v2"
@@ -67,8 +67,9 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
 
 
 @pytest.fixture
-def client(node: NodeProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=node.url + "/v1", api_key="unused", max_retries=0)
+def client(node: NodeProcess) -> Iterator[openai.OpenAI]:
+    with openai_client(node.url) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")

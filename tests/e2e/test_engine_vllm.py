@@ -22,12 +22,13 @@ import jsonschema
 import openai
 import pytest
 from conftest import (
-    ROOT,
+    _missing,
     NodeProcess,
     OpenAISpec,
-    _missing,
+    ROOT,
     completion_chunk_as_spec,
     get_json,
+    openai_client,
     pid_alive,
 )
 
@@ -104,8 +105,9 @@ def vllm_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]
 
 
 @pytest.fixture
-def client(vllm_node: NodeProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=vllm_node.url + "/v1", api_key="unused", max_retries=0)
+def client(vllm_node: NodeProcess) -> Iterator[openai.OpenAI]:
+    with openai_client(vllm_node.url) as c:
+        yield c
 
 
 def test_chat_answers_in_coherent_english(client: openai.OpenAI,

@@ -3,13 +3,15 @@ every response and stream chunk validated against OpenAI's published schemas."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import json
 
 import aiohttp
 import openai
 import pytest
 
-from conftest import NodeProcess, OpenAISpec, completion_chunk_as_spec
+from conftest import NodeProcess, OpenAISpec, completion_chunk_as_spec, openai_client
 
 CHAT = "smollm2-135m-instruct"
 BASE = "gemma-3-270m"
@@ -17,8 +19,9 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-def client(node: NodeProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=node.url + "/v1", api_key="unused", max_retries=0)
+def client(node: NodeProcess) -> Iterator[openai.OpenAI]:
+    with openai_client(node.url) as c:
+        yield c
 
 
 def test_chat_completion(client: openai.OpenAI, openai_spec: OpenAISpec) -> None:

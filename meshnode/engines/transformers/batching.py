@@ -81,8 +81,7 @@ class Request:
 
     def _finish(self, reason: str, hit: bool) -> bool:
         if not hit:
-            text, hit = self.stops.feed(self.detok.flush())
-            tail = text if hit else text + self.stops.flush()
+            tail, hit = self.stops.finish(self.detok.flush())
             if hit:
                 reason = "stop"
             if tail:
