@@ -77,6 +77,20 @@ class NodeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     reconcile_interval_s: Annotated[float, Meta(gt=0)] = 0.5
     """How often placement and deployment sync are checked besides membership events: the
     delay before a node starts a replica it was given, or pulls a table whose digest moved."""
+    ca_cert: str = ""
+    """PEM file of the cluster CA certificate. With `cert`, the node joins only that signed
+    cluster: every node-to-node path is authenticated (mTLS, sealed gossip), and clients need
+    API keys. Empty = an open cluster (allowed on loopback, or anywhere with `insecure`)."""
+    cert: str = ""
+    """PEM file of this node's certificate, signed by `ca_cert` for this node's key."""
+    key: str = ""
+    """PEM file of this node's private key; empty = the identity key in the data dir."""
+    insecure: bool = False
+    """Allow an open cluster (no CA, no API keys) on a non-loopback address. Anyone who can
+    reach the ports can then join, read gossip and use the API."""
+    internal_port: Port = 7702
+    """TCP port of the node-to-node listener (mTLS) of a signed cluster: forwarded requests and
+    table sync; 0 picks a free port (tests). Unused by an open cluster."""
     engine_pythons: dict[str, str] = {}
     """Per-engine interpreter of its own venv, e.g. {"vllm": "/opt/vllm/bin/python"}; engines
     pin conflicting versions. Unlisted engines use the node's own interpreter."""
