@@ -42,7 +42,10 @@ class MeshConfig:
 
     indirect_checks: int = 3
     """Peers asked to probe a target that missed its direct ack (ping-req). More peers make a
-    false suspicion from one lossy path less likely, at the cost of 2 extra packets each."""
+    false suspicion from one lossy path less likely, at the cost of 2 extra packets each.
+    A peer whose ping gets no ack nacks after 0.8 * min(probe_timeout_s, probe_interval_s -
+    probe_timeout_s), so that the nack arrives within the prober's period (Lifeguard: missing
+    nacks, not a dead target, raise the prober's health score)."""
 
     tcp_fallback_probe: bool = True
     """Also ping a target over TCP when its direct UDP ack is late, and do not suspect it if
@@ -60,9 +63,10 @@ class MeshConfig:
     towards the minimum with each independent confirmation (Lifeguard)."""
 
     awareness_max_multiplier: int = 8
-    """Upper bound of the local health multiplier (Lifeguard). Probe intervals are multiplied by
-    (score + 1), score in [0, max - 1]. Higher lets a struggling node back off further before it
-    accuses others, at the cost of slower detection while it struggles."""
+    """Upper bound of the local health multiplier (Lifeguard). Failing probe periods and this
+    node's suspicion timeouts are multiplied by (score + 1), score in [0, max - 1]; a healthy
+    node has score 0 and is not slowed. Higher lets a struggling node back off further before
+    it accuses others, at the cost of slower detection while it struggles."""
 
     # --- dissemination -----------------------------------------------------------------------
     gossip_interval_s: float = 0.2

@@ -134,7 +134,8 @@ class Membership:
             # re-gossiped so that confirmations spread even to members that did not probe.
             if susp.confirm(s.src):
                 self._queue.queue(s.node, s)
-                self._timers.at(susp.deadline, "suspicion", (s.node, susp))
+                # The prober plans the last-chance probe from the new deadline (probe.py).
+                self._timers.at(now, "suspicion", (s.node, susp))
             return
         if node.state != ALIVE:
             return
@@ -154,7 +155,7 @@ class Membership:
         max_s = self._cfg.suspicion_max_timeout_mult * min_s
         susp = Suspicion(s.src, k, min_s, max_s, now)
         self.suspicions[s.node] = susp
-        self._timers.at(susp.deadline, "suspicion", (s.node, susp))
+        self._timers.at(now, "suspicion", (s.node, susp))
         self._log.info("member.suspect", node=s.node, incarnation=s.inc, accuser=s.src)
         self.events.append(MemberSuspected(node.snapshot()))
 

@@ -11,10 +11,12 @@ members could confirm, in which case the timeout is min_s at once). A healthy no
 has up to max_s to refute a lone accuser, while a really failed node is declared dead after
 about min_s once several members agree.
 
-Two additions to memberlist, both to keep a healthy member from being declared dead: the
-timeout is stretched by the local health multiplier (an unhealthy node, which is likely the one
-with the problem, waits longer before it accuses), and when it is reached the member gets one
-last probe; only if that fails is it declared dead (see probe.py).
+Two additions to memberlist, both to keep a healthy member from being declared dead, and
+both free for a healthy node detecting a real failure (see probe.py): the timeout is stretched
+by the local health multiplier (an unhealthy node, which is likely the one with the problem,
+waits longer before it accuses; a healthy one has h = 0), and the member gets one last probe
+during the final probe period of the timeout; if that fails it is declared dead at the
+deadline, as memberlist would declare it.
 """
 
 from __future__ import annotations
@@ -38,9 +40,10 @@ class Suspicion:
         "_k",
         "_max",
         "_min",
-        "checked",
+        "checking",
         "confirmations",
         "deadline",
+        "failed_check_at",
         "start",
     )
 
@@ -53,8 +56,10 @@ class Suspicion:
         self.start = start
         self.confirmations = 0
         self.deadline = start + suspicion_remaining(0, k, min_s, max_s)
-        # Whether the last-chance probe, sent when the timeout is reached, has started.
-        self.checked = False
+        # The last-chance probe (probe.py): whether one is in flight, and when the last one
+        # ended without an answer (None: none has).
+        self.checking = False
+        self.failed_check_at: float | None = None
 
     def confirm(self, src: str) -> bool:
         """Count an independent confirmation; True if it was new (so worth re-gossiping)."""
@@ -65,3 +70,11 @@ class Suspicion:
         self.deadline = self.start + suspicion_remaining(
             self.confirmations, self._k, self._min, self._max)
         return True
+
+    def due(self, stretch: float) -> float:
+        """The deadline with the timeout multiplied by ``stretch`` (local health)."""
+        return self.start + (self.deadline - self.start) * stretch
+
+    def earliest_due(self, stretch: float) -> float:
+        """The soonest ``due`` can become, once every confirmation is in (the minimum)."""
+        return self.start + self._min * stretch

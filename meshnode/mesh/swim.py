@@ -197,7 +197,8 @@ class Swim:
         """Run every timer due at ``now``."""
         for kind, arg in self._timers.due(now):
             match kind:
-                case "probe" | "probe_indirect" | "probe_deadline" | "relay" | "suspicion":
+                case ("probe" | "probe_indirect" | "probe_deadline" | "relay" | "relay_nack"
+                      | "suspicion"):
                     self._prober.on_timer(kind, arg, now)
                 case "gossip":
                     self._timers.at(now + self._cfg.gossip_interval_s, "gossip")
