@@ -41,6 +41,8 @@ class Finish(msgspec.Struct, frozen=True):
     reason: str  # "stop" | "length"
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
+    """Prompt tokens whose KV state was reused from an earlier request (not re-evaluated)."""
 
 
 class Engine(Protocol):

@@ -43,6 +43,7 @@ from .schema import (
     RerankRequest,
     SamplingParams,
     decode_request,
+    format_type,
 )
 
 __all__ = ["main", "open_engine"]
@@ -96,6 +97,13 @@ class Host:
     async def generate(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[str | Finish]:
         """Bridge the engine thread's blocking generator to the event loop, token by token."""
         assert self.engine is not None
+        wanted = format_type(params.response_format)
+        if wanted != "text" and wanted not in getattr(self.engine, "response_formats", ()):
+            # Refused, never ignored: unconstrained text would break the client's parser.
+            raise InvalidRequest(f"response_format {wanted} is not supported by engine "
+                                 f"{self.engine.info.engine}: use an engine that supports it "
+                                 "(llama.cpp, vllm) or drop response_format",
+                                 param="response_format", code="unsupported_response_format")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         cancel = threading.Event()
@@ -106,7 +114,7 @@ class Host:
             try:
                 for item in engine.generate(prompt, params, cancel):
                     loop.call_soon_threadsafe(put, item)
-            except BaseException as exc:  # delivered to the awaiting coroutine
+            except BaseException as exc:  # noqa: BLE001 - delivered to the awaiting coroutine
                 loop.call_soon_threadsafe(put, exc)
             finally:
                 loop.call_soon_threadsafe(put, _END)

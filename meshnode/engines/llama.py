@@ -10,22 +10,38 @@ which is what prefix-affine routing counts on.
 from __future__ import annotations
 
 import codecs
+import functools
+import json
 import os
 import random
 import threading
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from .base import EngineInfo, Finish, Prompt, completion_budget
 from .errors import EngineFailed, InvalidRequest
 from .launch import EngineLaunch
-from .schema import ChatMessage, SamplingParams
+from .schema import (
+    STRUCTURED_FORMATS,
+    ChatMessage,
+    JsonObjectFormat,
+    JsonSchemaFormat,
+    ResponseFormat,
+    SamplingParams,
+)
 from .similarity import cosine_scores
 from .stops import StopMatcher
 
 __all__ = ["LlamaEngine"]
 
+EMBED_BATCH = 2048
+"""Most tokens one embedding input may have (n_batch = n_ubatch of an embedding context)."""
+
 
 class LlamaEngine:
+    # Both are compiled to a GBNF grammar that constrains sampling token by token.
+    response_formats = STRUCTURED_FORMATS
+
     def __init__(self, launch: EngineLaunch) -> None:
         try:
             import llama_cpp
@@ -38,18 +54,18 @@ class LlamaEngine:
             raise EngineFailed(f"model file not found: {launch.model_path}")
         self._llama_cpp = llama_cpp
         threads = launch.threads or (os.cpu_count() or 1)
-        try:
-            self._llm = llama_cpp.Llama(
-                model_path=launch.model_path,
-                n_ctx=launch.context_length,
-                n_threads=threads,
-                n_threads_batch=threads,
-                n_batch=min(512, launch.context_length),
-                embedding="embed" in launch.abilities,
-                verbose=False,
-            )
-        except (ValueError, RuntimeError) as exc:
-            raise EngineFailed(f"llama.cpp could not load {launch.model_path}: {exc}") from exc
+        embedding = "embed" in launch.abilities
+        # An embedding model reads each input in one micro-batch (non-causal pooling needs it
+        # whole), so the per-input limit is n_batch = n_ubatch; generation keeps 512.
+        n_batch = min(EMBED_BATCH if embedding else 512, launch.context_length)
+        self._llm = self._load(launch, threads, n_batch, embedding,
+                               llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED)
+        if embedding and self._llm.pooling_type() == llama_cpp.LLAMA_POOLING_TYPE_NONE:
+            # The GGUF declares no pooling (a generative model used for embeddings): pool by
+            # the mean of the token vectors, one vector per input as OpenAI's API returns.
+            self._llm.close()
+            self._llm = self._load(launch, threads, n_batch, embedding,
+                                   llama_cpp.LLAMA_POOLING_TYPE_MEAN)
         self._vocab = self._llm._model.vocab
         template = launch.chat_template or self._llm.metadata.get("tokenizer.chat_template")
         self._formatter = None
@@ -70,6 +86,23 @@ class LlamaEngine:
             chat_template=self._formatter is not None,
             abilities=abilities,
         )
+
+    def _load(self, launch: EngineLaunch, threads: int, n_batch: int, embedding: bool,
+              pooling: int) -> Any:
+        try:
+            return self._llama_cpp.Llama(
+                model_path=launch.model_path,
+                n_ctx=launch.context_length,
+                n_threads=threads,
+                n_threads_batch=threads,
+                n_batch=n_batch,
+                n_ubatch=n_batch if embedding else 512,
+                embedding=embedding,
+                pooling_type=pooling,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise EngineFailed(f"llama.cpp could not load {launch.model_path}: {exc}") from exc
 
     def chat_prompt(self, messages: Sequence[ChatMessage]) -> Prompt:
         if self._formatter is None:
@@ -103,11 +136,13 @@ class LlamaEngine:
         if max_tokens == 0:
             yield Finish("length", n_prompt, 0)
             return
+        grammar = self._grammar(params.response_format)  # InvalidRequest before any state
         if params.seed is not None:
             # Logits from a prefix-cached decode differ in the last bits from a full-prompt
             # decode (other batch shapes), which changes sampled text: a seeded request
             # re-evaluates its whole prompt so the same seed gives the same tokens.
             self._llm.reset()
+        cached = self._reused_prefix(prompt.tokens)
         seed = params.seed if params.seed is not None else random.getrandbits(32)
         self._llm.set_seed(seed & 0xFFFFFFFF)
         is_eog = self._llama_cpp.llama_vocab_is_eog
@@ -125,6 +160,7 @@ class LlamaEngine:
             repeat_penalty=params.repeat_penalty,
             frequency_penalty=params.frequency_penalty,
             presence_penalty=params.presence_penalty,
+            grammar=grammar,
         )
         try:
             for token in tokens:
@@ -148,19 +184,106 @@ class LlamaEngine:
             tail, _ = stops.finish(decoder.decode(b"", final=True))
             if tail:
                 yield tail
-        yield Finish(reason, n_prompt, produced)
+        yield Finish(reason, n_prompt, produced, cached)
+
+    def _reused_prefix(self, tokens: list[int]) -> int:
+        """Prompt tokens `Llama.generate` will take from the KV cache rather than evaluate:
+        the longest common prefix with what the context holds; when that is the whole prompt
+        but the context holds more, it replays the last token to get fresh logits."""
+        held = self._llm.n_tokens
+        common = 0
+        for a, b in zip(self._llm.input_ids.tolist(), tokens):
+            if a != b:
+                break
+            common += 1
+        if common == len(tokens) and held != len(tokens):
+            return max(common - 1, 0)
+        return common
+
+    def _grammar(self, response_format: ResponseFormat | None) -> object | None:
+        """The LlamaGrammar for a structured response_format; None for plain text.
+
+        Once the grammar is complete it allows only end-of-generation, so a JSON answer ends
+        by itself; a max_tokens cut can still leave it unfinished (finish_reason "length")."""
+        if isinstance(response_format, JsonObjectFormat) or (
+                isinstance(response_format, JsonSchemaFormat)
+                and response_format.json_schema.schema is None):
+            return self._llama_cpp.LlamaGrammar.from_string(
+                self._llama_cpp.llama_grammar.JSON_GBNF, verbose=False)
+        if isinstance(response_format, JsonSchemaFormat):
+            schema = response_format.json_schema.schema
+            loose = _unenforced(schema, "$")
+            if loose and response_format.json_schema.strict:
+                raise InvalidRequest(
+                    "response_format json_schema is strict, but llama.cpp's grammar cannot "
+                    f"enforce {', '.join(loose)}: drop those keywords, or set strict to false "
+                    "to have the rest of the schema enforced",
+                    param="response_format.json_schema.schema", code="invalid_json_schema")
+            gbnf = _schema_grammar(json.dumps(schema))  # key order = the output's key order
+            return self._llama_cpp.LlamaGrammar.from_string(gbnf, verbose=False)
+        return None
 
     def embed(self, inputs: list[str | list[int]]) -> tuple[list[list[float]], int]:
+        """Unit-length vectors (as llama.cpp's server returns), in input order.
+
+        Text is tokenized as `Llama.embed` does (BOS, no special tokens), so a vector equals
+        `Llama.embed(text, normalize=True)` in-process; token ids are taken as they are.
+        An input longer than n_batch tokens is refused, never truncated silently."""
         if "embed" not in self.info.abilities:
-            raise InvalidRequest("this model does not serve embeddings", param="model")
+            raise InvalidRequest("this model does not serve embeddings: launch it as an "
+                                 "embedding deployment", param="model")
+        llm = self._llm
+        n_vocab, limit = llm.n_vocab(), llm.n_batch
+        seqs: list[list[int]] = []
+        for i, item in enumerate(inputs):
+            if isinstance(item, list):
+                if any(t < 0 or t >= n_vocab for t in item):
+                    raise InvalidRequest(f"token ids must be in [0, {n_vocab})",
+                                         param=f"input[{i}]")
+                tokens = item
+            else:
+                tokens = llm.tokenize(item.encode("utf-8"))
+            if len(tokens) > limit:
+                raise InvalidRequest(
+                    f"input {i} has {len(tokens)} tokens; this model embeds at most {limit} "
+                    "per input: split or shorten it", param="input", code="input_too_long")
+            seqs.append(tokens)
+        return self._embed_tokens(seqs), sum(len(t) for t in seqs)
+
+    def _embed_tokens(self, seqs: list[list[int]]) -> list[list[float]]:
+        """Decode sequences packed into batches of <= n_batch tokens and <= n_seq_max
+        sequences (as `Llama.embed` packs them) and read each one's pooled vector."""
+        import numpy as np
+        llm, lib = self._llm, self._llama_cpp
+        n_embd, limit = llm.n_embd(), llm.n_batch
+        n_seq_max = llm.context_params.n_seq_max
+        batch = llm._batch
         vectors: list[list[float]] = []
+        group = 0
         used = 0
-        for item in inputs:
-            tokens = item if isinstance(item, list) else self._llm.tokenize(
-                item.encode("utf-8"), add_bos=self._add_bos, special=True)
+
+        def flush() -> None:
+            llm._ctx.kv_cache_clear()
+            llm._ctx.decode(batch)
+            batch.reset()
+            for seq in range(group):
+                v = np.ctypeslib.as_array(lib.llama_get_embeddings_seq(llm._ctx.ctx, seq),
+                                          shape=(n_embd,)).astype(np.float64)
+                norm = float(np.linalg.norm(v))
+                vectors.append((v / norm if norm else v).tolist())
+
+        batch.reset()
+        for tokens in seqs:
+            if used + len(tokens) > limit or group >= n_seq_max:
+                flush()
+                group = used = 0
+            batch.add_sequence(tokens, group, True)
+            group += 1
             used += len(tokens)
-            vectors.append(self._llm.embed(self._llm.detokenize(tokens).decode("utf-8", "replace")))
-        return vectors, used
+        flush()
+        llm._ctx.kv_cache_clear()  # as Llama.embed leaves it: no prefix for a later generate
+        llm.reset()
+        return vectors
 
     def rerank(self, query: str, documents: list[str]) -> tuple[list[float], int]:
         vectors, tokens = self.embed([query, *documents])
@@ -168,3 +291,49 @@ class LlamaEngine:
 
     def close(self) -> None:
         self._llm.close()
+
+
+# JSON Schema keywords that llama-cpp-python's schema-to-grammar converter (0.3.x) ignores:
+# a grammar does not count or compare numbers. (Enforced: type, enum, const, properties,
+# required, additionalProperties, items, prefixItems, min/maxItems, min/maxLength, pattern,
+# anyOf/oneOf/allOf, $ref, and the date/time/uuid formats.)
+UNENFORCED = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
+                        "multipleOf", "minProperties", "maxProperties", "uniqueItems",
+                        "contains", "minContains", "maxContains", "not", "if", "then",
+                        "else", "dependentRequired", "dependentSchemas", "patternProperties",
+                        "propertyNames"})
+
+
+def _unenforced(schema: object, path: str) -> list[str]:
+    """`keyword at path` for each keyword of `schema` that the grammar would not enforce."""
+    if not isinstance(schema, dict):
+        return []
+    found = [f"{k} at {path}" for k in schema if k in UNENFORCED]
+    for key in ("properties", "$defs", "definitions"):
+        named = schema.get(key)
+        if isinstance(named, dict):
+            where = path if key == "properties" else f"{path}.{key}"
+            for name, sub in named.items():
+                found += _unenforced(sub, f"{where}.{name}")
+    for key in ("items", "additionalProperties"):
+        found += _unenforced(schema.get(key), f"{path}.{key}")
+    for key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+        subs = schema.get(key)
+        if isinstance(subs, list):
+            for i, sub in enumerate(subs):
+                found += _unenforced(sub, f"{path}.{key}[{i}]")
+    return found
+
+
+@functools.lru_cache(maxsize=64)
+def _schema_grammar(schema: str) -> str:
+    """GBNF for a JSON schema (as JSON text), cached: the conversion runs in Python."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+    try:
+        return json_schema_to_gbnf(schema)
+    except Exception as exc:  # noqa: BLE001 - the converter asserts, or trips on wrong types
+        raise InvalidRequest(
+            f"response_format.json_schema.schema is not a JSON schema that llama.cpp can "
+            f"follow: {exc or type(exc).__name__}; fix the schema (a JSON Schema object such "
+            'as {"type": "object", "properties": {...}, "required": [...]})',
+            param="response_format.json_schema.schema", code="invalid_json_schema") from None

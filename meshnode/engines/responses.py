@@ -35,11 +35,16 @@ def sse(obj: Any) -> bytes:
     return b"data: " + _encode(obj) + b"\n\n"
 
 
-def usage(finish: Finish | None, prompt: int = 0, completion: int = 0) -> dict[str, int]:
+def usage(finish: Finish | None, prompt: int = 0, completion: int = 0,
+          cached: int = 0) -> dict[str, Any]:
+    """OpenAI usage; `prompt_tokens_details.cached_tokens` counts the prompt tokens served
+    from the engine's prefix cache (what prefix-affine routing is for)."""
     if finish is not None:
         prompt, completion = finish.prompt_tokens, finish.completion_tokens
+        cached = finish.cached_tokens
     return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def error_body(message: str, type_: str = "invalid_request_error",
@@ -123,7 +128,7 @@ class CompletionStream(_Stream):
             "model": self.model, "system_fingerprint": self.fingerprint,
             "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": f.reason}
                         for i, (t, f) in enumerate(zip(texts, finishes))],
-            "usage": usage(None, prompt, completion),
+            "usage": usage(None, prompt, completion, sum(f.cached_tokens for f in finishes)),
         })
 
 

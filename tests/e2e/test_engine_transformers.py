@@ -19,7 +19,13 @@ from typing import Any
 
 import openai
 import pytest
-from conftest import NodeProcess, OpenAISpec, completion_chunk_as_spec, get_json, openai_client
+from conftest import (
+    NodeProcess,
+    OpenAISpec,
+    completion_chunk_as_spec,
+    get_json,
+    openai_client,
+)
 
 CHAT = "smol-tf"
 EMBED = "all-minilm-l6-v2"
@@ -284,3 +290,23 @@ def test_rerank_errors(node: NodeProcess, openai_spec: OpenAISpec, body: dict,
     assert status == 400, payload
     openai_spec.validate("ErrorResponse", payload)
     assert payload["error"]["param"] == param, payload
+
+
+def test_response_format_is_refused_not_ignored(client: openai.OpenAI) -> None:
+    # The transformers engine has no grammar sampler: JSON formats get a 400 naming the engine,
+    # streamed or not, rather than unconstrained text; "text" is served as usual.
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    for fmt in ({"type": "json_object"}, schema):
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as caught:
+                client.chat.completions.create(
+                    model=CHAT, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                    stream=stream, response_format=fmt)  # type: ignore[arg-type]
+            assert isinstance(caught.value.body, dict)
+            assert caught.value.body["message"].startswith(
+                f"response_format {fmt['type']} is not supported by engine transformers")
+            assert caught.value.body["param"] == "response_format"
+    reply = client.chat.completions.create(
+        model=CHAT, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+        response_format={"type": "text"})
+    assert reply.choices[0].message.content

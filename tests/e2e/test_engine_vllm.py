@@ -22,10 +22,10 @@ import jsonschema
 import openai
 import pytest
 from conftest import (
-    _missing,
+    ROOT,
     NodeProcess,
     OpenAISpec,
-    ROOT,
+    _missing,
     completion_chunk_as_spec,
     get_json,
     openai_client,
@@ -224,3 +224,17 @@ def test_stop_leaves_no_process_socket_or_temp_files(vllm_node: NodeProcess) -> 
     assert not sockets[0].exists()
     assert not Path(private_tmp_dir(str(sockets[0]))).exists()
     assert not list(sockets[0].parent.iterdir())  # nothing else left in the run dir
+
+
+def test_response_format_json_schema_passes_through(client: openai.OpenAI) -> None:
+    # vLLM's own server honours response_format (guided decoding): the node forwards it as is.
+    schema = {"type": "object", "properties": {"city": {"type": "string",
+                                                        "enum": ["Paris", "London"]},
+                                               "country": {"type": "string", "maxLength": 30}},
+              "required": ["city", "country"], "additionalProperties": False}
+    reply = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "Capital of France, as JSON?"}],
+        max_tokens=60, temperature=0,
+        response_format={"type": "json_schema",  # type: ignore[arg-type]
+                         "json_schema": {"name": "city", "schema": schema, "strict": True}})
+    jsonschema.validate(json.loads(reply.choices[0].message.content or ""), schema)

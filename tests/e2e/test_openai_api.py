@@ -45,6 +45,26 @@ def test_chat_completion(client: openai.OpenAI, openai_spec: OpenAISpec) -> None
     assert reply.choices[0].finish_reason in ("stop", "length")
 
 
+def test_usage_counts_the_reused_prompt_prefix(client: openai.OpenAI,
+                                               openai_spec: OpenAISpec) -> None:
+    system = "You answer questions about a small bakery in Lyon, briefly. " * 8
+
+    def cached(sys_prompt: str, question: str) -> tuple[int, int]:
+        raw = client.chat.completions.with_raw_response.create(
+            model=CHAT, max_tokens=2, messages=[{"role": "system", "content": sys_prompt},
+                                                {"role": "user", "content": question}])
+        openai_spec.validate("CreateChatCompletionResponse", json.loads(raw.content))
+        reply = raw.parse()
+        assert reply.usage is not None and reply.usage.prompt_tokens_details is not None
+        return reply.usage.prompt_tokens_details.cached_tokens or 0, reply.usage.prompt_tokens
+
+    cached(system, "Open on Sunday?")
+    hit, total = cached(system, "Do you sell croissants?")  # same system prompt: reused
+    assert hit >= total * 0.8, (hit, total)
+    miss, _ = cached("Talk like a pirate. " * 8, "Do you sell croissants?")
+    assert miss < 10  # only the chat template's first tokens are shared
+
+
 def test_chat_content_parts(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
         model=CHAT, max_completion_tokens=8,

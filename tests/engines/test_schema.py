@@ -1,11 +1,15 @@
 import pytest
 
-from meshnode.engines import ChatCompletionRequest, CompletionRequest, InvalidRequest
-from meshnode.engines import decode_request
+from meshnode.engines import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    InvalidRequest,
+    decode_request,
+)
 
 
 def chat(extra: str = "", messages: str = '[{"role": "user", "content": "hi"}]') -> bytes:
-    return ('{"model": "m", "messages": %s%s}' % (messages, extra)).encode()
+    return ('{"model": "m", "messages": ' + messages + extra + "}").encode()
 
 
 def test_decodes_a_full_chat_request() -> None:
@@ -36,7 +40,12 @@ def test_content_parts_join_into_text() -> None:
     (chat(', "stop": [""]'), "stop"),
     (chat(', "tools": [{"type": "function"}]'), "tools"),
     (chat(', "logprobs": true'), "logprobs"),
-    (chat(', "response_format": {"type": "json_object"}'), "response_format"),
+    (chat(', "response_format": {"type": "xml"}'), "response_format.type"),
+    (chat(', "response_format": {"type": "json_schema"}'), "response_format"),
+    (chat(', "response_format": {"type": "json_schema", "json_schema": {"name": "a b"}}'),
+     "response_format.json_schema.name"),
+    (chat(', "response_format": {"type": "json_schema", '
+          '"json_schema": {"name": "x", "schema": 5}}'), "response_format.json_schema.schema"),
     (chat(', "stream_options": {"include_usage": true}'), "stream_options"),
     (chat(', "max_tokens": 3, "max_completion_tokens": 4'), "max_completion_tokens"),
     (chat(messages="[]"), "messages"),
@@ -75,3 +84,19 @@ def test_bad_completion_prompts(prompt: str) -> None:
 def test_stream_with_several_prompts_is_refused() -> None:
     with pytest.raises(InvalidRequest):
         decode_request(b'{"model": "m", "prompt": ["a", "b"], "stream": true}', CompletionRequest)
+
+
+def test_response_format_reaches_the_sampling_params() -> None:
+    from meshnode.engines.schema import JsonObjectFormat, JsonSchemaFormat, format_type
+    body = chat(', "response_format": {"type": "json_schema", "json_schema": '
+                '{"name": "city", "schema": {"type": "object"}, "strict": true}}')
+    params = decode_request(body, ChatCompletionRequest).sampling()
+    assert isinstance(params.response_format, JsonSchemaFormat)
+    assert params.response_format.json_schema.schema == {"type": "object"}
+    assert format_type(params.response_format) == "json_schema"
+    text = decode_request(chat(', "response_format": {"type": "text"}'), ChatCompletionRequest)
+    assert text.sampling().response_format is None
+    assert format_type(text.sampling().response_format) == "text"
+    completion = decode_request(b'{"model": "m", "prompt": "x", '
+                                b'"response_format": {"type": "json_object"}}', CompletionRequest)
+    assert isinstance(completion.sampling().response_format, JsonObjectFormat)
