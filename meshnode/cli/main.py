@@ -11,6 +11,9 @@ from pathlib import Path
 from meshnode import __version__
 
 from .client import AdminClient, CliError
+from .join import add_invite_command
+from .keys import add_key_commands, install_api_key
+from .security import add_security_commands
 from .table import table
 
 __all__ = ["main"]
@@ -28,12 +31,22 @@ def _start(args: argparse.Namespace) -> int:
              "bind": args.bind, "gossip_port": args.gossip_port,
              "advertise_addr": args.advertise_addr, "join": tuple(args.join or ()),
              "mdns": False if args.no_mdns else None, "interface": args.interface,
-             "cluster": args.cluster, "mesh_preset": args.mesh_preset}
+             "cluster": args.cluster, "mesh_preset": args.mesh_preset,
+             "ca_cert": args.ca, "cert": args.cert, "key": args.key,
+             "insecure": True if args.insecure else None, "internal_port": args.internal_port}
+    flags.update({"api_keys": args.api_keys, "ca_dir": args.ca_dir,
+                  "invite_port": args.invite_port})
     try:
         config = load_config(flags, config_file=args.config)
     except ConfigError as exc:
         raise CliError(str(exc)) from None
     configure_logging(config.log_format, config.log_level)
+    if args.token:  # join a signed cluster first: its CA and our certificate land in data_dir
+        import msgspec
+
+        from .join import redeem_token
+        ca_cert, cert = redeem_token(args.token, config.data_dir, config.name)
+        config = msgspec.structs.replace(config, ca_cert=ca_cert, cert=cert)
     try:
         import uvloop
         run = uvloop.run
@@ -41,6 +54,8 @@ def _start(args: argparse.Namespace) -> int:
         run = asyncio.run
     try:
         run(serve(config))
+    except ConfigError as exc:  # the cluster identity, or an open node bound off loopback
+        raise CliError(str(exc)) from None
     except OSError as exc:
         raise CliError(f"cannot start the node: {exc}. Is another node using port "
                        f"{config.http_port}? Choose another with --http-port.") from None
@@ -116,6 +131,17 @@ def _stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scale(args: argparse.Namespace) -> int:
+    if args.replicas < 1:
+        raise CliError("replicas must be at least 1; to remove a deployment use "
+                       f"`meshnode stop {args.name}`")
+    client = AdminClient(args.endpoint)
+    view = client.request("PATCH", f"/v1/deployments/{args.name}", {"replicas": args.replicas})
+    print(f"{args.name}: {view['replicas']} replica(s) wanted; placement follows "
+          "(`meshnode ps` shows where they run)")
+    return 0
+
+
 def _catalogue(args: argparse.Namespace) -> int:
     data = AdminClient(args.endpoint).request("GET", "/v1/catalogue")["data"]
     rows = [[m["name"], ",".join(m["abilities"]), m["context_length"], ",".join(m["formats"]),
@@ -173,6 +199,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", help="open cluster name (default meshnode)")
     p.add_argument("--mesh-preset", choices=["lan", "local"],
                    help="membership timings: lan (memberlist defaults) or local (tests)")
+    p.add_argument("--ca", metavar="CA.pem",
+                   help="cluster CA certificate: join only this signed cluster (with --cert)")
+    p.add_argument("--cert", metavar="NODE.crt", help="this node's certificate, signed by --ca")
+    p.add_argument("--key", metavar="KEY.pem",
+                   help="this node's private key (default: the key in the data dir)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow an open node (no --ca) on a non-loopback address")
+    p.add_argument("--internal-port", type=int,
+                   help="node-to-node mTLS port of a signed node (default 7702)")
+    p.add_argument("--token", help="an invite token (`meshnode invite`): get this node's "
+                                   "certificate with it, then start as a signed node")
+    p.add_argument("--api-keys", choices=["auto", "required", "off"],
+                   help="API keys: auto (required with --ca or off loopback), required, off")
+    p.add_argument("--ca-dir", help="the cluster CA this node holds: serve invite redemption "
+                                    "(passphrase from MESHNODE_CA_PASSPHRASE)")
+    p.add_argument("--invite-port", type=int, help="TLS port of invite redemption (default "
+                                                   "7703)")
     p.set_defaults(func=_start)
 
     def client_parser(name: str, help_: str) -> argparse.ArgumentParser:
@@ -196,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = client_parser("stop", "stop a deployment")
     p.add_argument("name")
     p.set_defaults(func=_stop)
+    p = client_parser("scale", "change how many replicas a deployment has")
+    p.add_argument("name")
+    p.add_argument("replicas", type=int)
+    p.set_defaults(func=_scale)
     p = client_parser("members", "list the nodes of the mesh as this node sees them")
     p.set_defaults(func=_members)
     p = client_parser("engines", "which engines could run a model, on each node")
@@ -203,11 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_engines)
     p = client_parser("catalogue", "list the models this node knows")
     p.set_defaults(func=_catalogue)
+    add_security_commands(sub)
+    add_invite_command(sub)
+    add_key_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    install_api_key()  # MESHNODE_API_KEY, for every command that calls a node
     try:
         code = args.func(args)
     except CliError as exc:

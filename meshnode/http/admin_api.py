@@ -73,6 +73,18 @@ async def cluster_nodes(request: web.Request) -> web.Response:
     return _json({"object": "list", "data": request.app[NODE].members()})
 
 
+@routes.post("/v1/cluster/revocations")
+async def revocations(request: web.Request) -> web.Response:
+    """Adopt a CA-signed revocation list (application/octet-stream, the bytes `meshnode cert
+    revoke` makes): verified, kept if its sequence is higher, persisted, spread to every node,
+    whose members then drop the revoked nodes. 400 for a list that is not this cluster's."""
+    node = request.app[NODE]
+    before = node.security.revocation_seq if node.security is not None else 0
+    sequence = node.adopt_revocation(await request.read())
+    return _json({"object": "revocation_list", "sequence": sequence,
+                  "adopted": sequence > before})
+
+
 @routes.get(INTERNAL_DEPLOYMENTS_PATH)
 async def internal_deployments(request: web.Request) -> web.Response:
     """Node to node: the whole deployment table, tombstones included (msgpack), for sync."""

@@ -4,6 +4,12 @@ The app holds the node through one cleanup_ctx (entered on startup, closed on sh
 typed AppKey; there are no globals. `serve()` runs it until SIGINT/SIGTERM, then stops
 accepting, gives in-flight requests `grace_s` to finish, cancels the rest and stops every
 engine process.
+
+A signed node (--ca/--cert) serves two listeners: the public API, which in a signed cluster
+neither serves `/internal` routes nor honours the hop header (a client could otherwise skip
+API keys and routing), and the node-to-node mTLS listener (internal.py) on `internal_port`.
+`serve()` loads the cluster identity before binding anything, so a bad certificate, or an open
+node bound off loopback without --insecure, stops the start with a ConfigError.
 """
 
 from __future__ import annotations
@@ -15,10 +21,12 @@ from collections.abc import AsyncIterator
 import structlog
 from aiohttp import web
 
-from meshnode.node import Node, NodeConfig
+from meshnode.node import Node, NodeConfig, load_security
 
-from . import admin_api, forward, openai_api
+from . import admin_api, forward, invite_api, keys_api, openai_api, relay
+from .auth import auth_middleware
 from .errors import error_middleware
+from .internal import build_internal_app, is_internal
 from .keys import NODE
 from .middleware import request_id_middleware
 
@@ -28,30 +36,63 @@ log = structlog.get_logger("meshnode.http")
 
 
 def build_app(node: Node) -> web.Application:
-    app = web.Application(middlewares=[request_id_middleware, error_middleware],
+    app = web.Application(middlewares=[request_id_middleware, error_middleware, auth_middleware],
                           client_max_size=node.config.max_body_bytes)
     app[NODE] = node
+    signed = node.security is not None
+    app[forward.HOP_MODE] = "public" if signed else "open"
 
     async def node_ctx(app: web.Application) -> AsyncIterator[None]:
         async with app[NODE]:
             yield
 
     app.cleanup_ctx.append(node_ctx)
-    app.cleanup_ctx.append(forward.session_ctx())
-    app.add_routes(openai_api.routes)
-    app.add_routes(admin_api.routes)
+    app.cleanup_ctx.append(relay.upstream_ctx)
+    app.cleanup_ctx.append(invite_api.invite_ctx)  # after node_ctx: needs the node's identity
+    app.cleanup_ctx.append(forward.session_ctx(
+        node.security.client_context() if node.security is not None else None))
+    for table in _tables():
+        app.add_routes([r for r in table if not (signed and is_internal(r))])
     return app
 
 
+def _tables() -> tuple[web.RouteTableDef, ...]:
+    """Every route table of the public app; their `/internal` routes move to the internal
+    listener in a signed cluster."""
+    return (openai_api.routes, admin_api.routes, keys_api.routes, invite_api.routes)
+
+
 async def serve(config: NodeConfig, ready: asyncio.Event | None = None) -> None:
-    node = Node(config)
+    security = await asyncio.to_thread(load_security, config.resolved())  # before any bind
+    node = Node(config, security)
+    internal: web.AppRunner | None = None
+    internal_url = ""
+    if security is not None:
+        # Bound before the node starts, so its first gossip already names the port.
+        internal = web.AppRunner(build_internal_app(node, _tables()), handler_cancellation=True,
+                                 access_log=None, shutdown_timeout=config.grace_s)
+        await internal.setup()
+        try:
+            await web.TCPSite(internal, config.host, config.internal_port, reuse_address=True,
+                              ssl_context=security.server_context()).start()
+        except BaseException:
+            await internal.cleanup()
+            raise
+        node.internal_port = internal.addresses[0][1] if internal.addresses \
+            else config.internal_port
+        internal_url = f"https://{config.host}:{node.internal_port}"
     runner = web.AppRunner(build_app(node), handler_cancellation=True, access_log=None,
                            shutdown_timeout=config.grace_s)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await runner.setup()
+    try:
+        await runner.setup()
+    except BaseException:
+        if internal is not None:
+            await internal.cleanup()
+        raise
     try:
         site = web.TCPSite(runner, config.host, config.http_port, reuse_address=True)
         await site.start()
@@ -64,11 +105,17 @@ async def serve(config: NodeConfig, ready: asyncio.Event | None = None) -> None:
                  gossip=f"{gossip[0]}:{gossip[1]}", data_dir=str(node.data_dir),
                  node_id=node.identity.node_id if node.identity else None)
         print(f"meshnode: gossip on {gossip[0]}:{gossip[1]}", flush=True)
+        if internal_url:
+            log.info("node.internal", url=internal_url, cluster=security.cluster_id
+                     if security is not None else None)
+            print(f"meshnode: node-to-node on {internal_url}", flush=True)
         print(f"meshnode: listening on http://{config.host}:{port}", flush=True)
         if ready is not None:
             ready.set()
         await stop.wait()
         log.info("node.stopping", grace_s=config.grace_s)
     finally:
+        if internal is not None:
+            await internal.cleanup()
         await runner.cleanup()
         log.info("node.stopped")

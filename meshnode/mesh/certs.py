@@ -2,7 +2,15 @@
 
 The cluster CA is a self-signed Ed25519 certificate (basic constraints CA=true, path length 0, key
 usage keyCertSign + cRLSign). `cluster_id = key_id(raw CA public key)` (see identity.py). Its key
-is PKCS#8 PEM encrypted with the passphrase (BestAvailableEncryption), unencrypted only on request.
+is PKCS#8 PEM, unencrypted only on request, else encrypted under a key stretched with scrypt:
+
+    ca_key.pem = PKCS#8 PEM + "Meshnode-KDF: scrypt n=131072 r=8 p=1 salt=<32 hex>\n"
+    PKCS#8 password = hex(scrypt(passphrase, salt, n, r, p, length=32))
+
+Why: cryptography's BestAvailableEncryption alone is PBKDF2-HMAC-SHA256 with 2048 iterations
+(~1 ms per guess); scrypt at n=2**17, r=8 (OWASP's minimum) costs ~0.5 s and 128 MiB per guess.
+The parameters travel in the file (a trailer line after the PEM block, which PEM readers skip),
+so they can be raised later; a key without the trailer still loads with the passphrase itself.
 
 A node certificate (profile in certverify.py) carries the node id and cluster in a SAN URI, the
 roles as SAN URIs, the node name as CN, validity not_before = now - 5 min (clock skew between
@@ -15,14 +23,17 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from meshnode.mesh.certverify import (
@@ -67,6 +78,44 @@ log = structlog.get_logger(__name__)
 CA_CERT_FILE = "ca_cert.pem"
 CA_KEY_FILE = "ca_key.pem"
 CLOCK_SKEW = dt.timedelta(minutes=5)
+_KDF_HEADER = b"Meshnode-KDF: scrypt "
+_SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**17, 8, 1  # 128 * n * r bytes = 128 MiB per guess
+_KDF_RE = re.compile(rb"n=(\d{1,8}) r=(\d{1,3}) p=(\d{1,3}) salt=([0-9a-f]{32})")
+
+
+def _stretch(passphrase: bytes, salt: bytes, n: int, r: int, p: int) -> bytes:
+    """The PKCS#8 password: hex of scrypt(passphrase) (hex: PKCS#8 passwords are text)."""
+    return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(passphrase).hex().encode()
+
+
+def _encrypt_key(key: Ed25519PrivateKey, passphrase: bytes | None) -> bytes:
+    if passphrase is None:
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+    salt = os.urandom(16)
+    password = _stretch(passphrase, salt, _SCRYPT_N, _SCRYPT_R, _SCRYPT_P)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.BestAvailableEncryption(password))
+    header = b"n=%d r=%d p=%d salt=%s" % (_SCRYPT_N, _SCRYPT_R, _SCRYPT_P, salt.hex().encode())
+    return pem + _KDF_HEADER + header + b"\n"
+
+
+def _key_password(
+    key_pem: bytes, passphrase: bytes | None, path: Path
+) -> tuple[bytes, bytes | None]:
+    """(the PEM to parse, its PKCS#8 password) for a stored CA key."""
+    pem, found, trailer = key_pem.partition(_KDF_HEADER)
+    if not found:
+        return key_pem, passphrase
+    m = _KDF_RE.fullmatch(trailer.strip())
+    if m is None:
+        raise FileCorruptError(f"{path}: unreadable Meshnode-KDF header")
+    n, r, p = (int(g) for g in m.group(1, 2, 3))
+    if not (2 <= n <= 2**22 and n & (n - 1) == 0 and 1 <= r <= 32 and 1 <= p <= 16):
+        raise FileCorruptError(f"{path}: scrypt parameters out of range")
+    if passphrase is None:
+        raise CAPassphraseError(f"{path}: the CA key is encrypted; a passphrase is needed")
+    return pem, _stretch(passphrase, bytes.fromhex(m.group(4).decode()), n, r, p)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +162,7 @@ def init_ca(
 ) -> ClusterCA:
     """Create a cluster CA in `directory` (ca_key.pem mode 0600, ca_cert.pem mode 0644).
 
-    The key is encrypted with `passphrase` (PKCS#8, BestAvailableEncryption); `passphrase=None`
+    The key is encrypted under scrypt(`passphrase`) (module docstring); `passphrase=None`
     is accepted only with `allow_unencrypted=True`. Raises CAExistsError if a CA is there.
     """
     if passphrase is None and not allow_unencrypted:
@@ -142,14 +191,7 @@ def init_ca(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, None)
     )
-    encryption: serialization.KeySerializationEncryption = (
-        serialization.NoEncryption()
-        if passphrase is None
-        else serialization.BestAvailableEncryption(passphrase)
-    )
-    pem_key = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
-    )
+    pem_key = _encrypt_key(key, passphrase)
     if not create_private(path / CA_KEY_FILE, pem_key, 0o600):
         raise CAExistsError(f"{path} already holds a cluster CA")
     create_private(path / CA_CERT_FILE, certificate_pem(cert), 0o644)
@@ -171,8 +213,9 @@ def load_ca(directory: str | os.PathLike[str], passphrase: bytes | None) -> Clus
         cert = load_certificate(cert_pem)
     except CertificateParseError as e:
         raise FileCorruptError(f"{path / CA_CERT_FILE}: {e}") from None
+    key_pem, password = _key_password(key_pem, passphrase, path / CA_KEY_FILE)
     try:
-        key = serialization.load_pem_private_key(key_pem, password=passphrase)
+        key = serialization.load_pem_private_key(key_pem, password=password)
     except TypeError as e:  # encrypted without passphrase, or passphrase for a plain key
         raise CAPassphraseError(f"{path / CA_KEY_FILE}: {e}") from None
     except (ValueError, UnsupportedAlgorithm):

@@ -7,7 +7,8 @@ Token: `mni1_` + base64url (no padding) of msgpack `[address, ca_fingerprint, se
 - expires_at: unix seconds, so the joiner can refuse a stale token before connecting.
 About 130 characters for a short address.
 
-Join flow (the lead puts the two steps behind HTTP on the CA holder's node):
+Join flow (served over HTTPS by the CA holder's node, meshnode/http/invite_api.py: GET /join/ca,
+POST /join; the joiner's side is meshnode/cli/join.py, run by `meshnode start --token`):
 1. GET the CA certificate over `tls.bootstrap_client_context()` (unverified: the CA certificate
    is public), then `pinned_client_context(invite.ca_fingerprint, ca_pem)` checks it against the
    pin and makes it the only trust root (CERT_REQUIRED, TLS 1.3).

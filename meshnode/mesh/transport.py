@@ -13,11 +13,15 @@ The core is called only from the event loop thread, so it needs no lock.
 Security seams (the crypto lives elsewhere): ``sealer`` wraps every datagram (seal before
 send, open after receive; identity by default), ``server_ssl`` / ``client_ssl`` make every TCP
 exchange TLS, and ``peer_check`` vets the peer of every TLS connection after the handshake.
+``request()`` / ``on_request`` carry an application exchange (the sealer's key exchange) over
+the same authenticated TCP path: its frames start with REQUEST_MARK (0xc1, a byte msgpack never
+uses, so no Packet starts with it) and never reach the core.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import random
 import socket
@@ -32,25 +36,34 @@ from . import wire
 from .binding import bind_pair, is_wildcard, outbound_ip
 from .config import MeshConfig
 from .delegate import Delegate
-from .errors import DecodeError, JoinError, MeshStateError
+from .errors import DecodeError, JoinError, MeshError, MeshStateError
 from .events import Event
 from .eventstream import EventStream
 from .members import Member
 from .swim import Output, Swim
 from .wire import Addr
 
-__all__ = ["Mesh", "MeshState", "PacketSealer", "PeerCheck", "PlainSealer"]
+__all__ = ["REQUEST_MARK", "Mesh", "MeshState", "PacketSealer", "PeerCheck", "PlainSealer",
+           "RequestHandler"]
 
 log = structlog.get_logger("meshnode.mesh")
+
+UDP_RCVBUF = 4 << 20
+"""Receive buffer asked for the gossip socket (bytes; the kernel caps it at net.core.rmem_max).
+The default (~208 KB) holds ~150 datagrams of kernel overhead: a flood of forged datagrams, or a
+busy event loop, would then make the kernel drop genuine probes and acks, which reads as a
+failed node. memberlist asks for 2 MB for the same reason."""
 
 
 class PacketSealer(Protocol):
     """Authenticates datagrams. ``open`` returns None for a datagram to drop (forged,
-    replayed, unknown sender); it must be cheap for garbage, as anyone can send it."""
+    replayed, unknown sender); it must be cheap for garbage, as anyone can send it. ``seal``
+    returns None when the datagram cannot be sent yet (no key for that peer): the sealer may
+    keep it and send it later through ``Mesh.send_sealed``; the mesh counts it otherwise."""
 
     overhead: int  # bytes seal() adds at most; the core builds packets that much smaller
 
-    def seal(self, data: bytes, addr: Addr) -> bytes: ...
+    def seal(self, data: bytes, addr: Addr) -> bytes | None: ...
 
     def open(self, data: bytes, addr: Addr) -> bytes | None: ...
 
@@ -67,9 +80,16 @@ class PlainSealer:
         return data
 
 
-PeerCheck = Callable[[ssl.SSLObject | None, Addr], None]
+PeerCheck = Callable[[ssl.SSLObject | None, Addr], str | None]
 """Called on both ends of every TCP connection after the TLS handshake with the connection's
-ssl object and the peer address; raise to refuse the peer (wrong node, revoked)."""
+ssl object and the peer address; raise to refuse the peer (wrong node, revoked). Returns the
+peer's node id when the check establishes it (passed to ``on_request``), else None."""
+
+RequestHandler = Callable[[bytes, str | None, Addr], bytes | None]
+"""Answers a ``request()`` frame: (payload, peer node id from peer_check, peer address) ->
+reply payload, or None to close without a reply. Runs on the event loop: must not block."""
+
+REQUEST_MARK = b"\xc1"
 
 
 class MeshState(enum.Enum):
@@ -86,6 +106,7 @@ class Mesh:
                  delegate: Delegate | None = None, sealer: PacketSealer | None = None,
                  server_ssl: ssl.SSLContext | None = None,
                  client_ssl: ssl.SSLContext | None = None, peer_check: PeerCheck | None = None,
+                 on_request: RequestHandler | None = None,
                  on_event: Callable[[Event], None] | None = None,
                  rng: random.Random | None = None, events_max: int = 4096) -> None:
         """``bind`` is where the sockets listen (port 0: any free port); ``advertise`` is the
@@ -103,6 +124,7 @@ class Mesh:
         self._server_ssl = server_ssl
         self._client_ssl = client_ssl
         self._peer_check = peer_check
+        self._on_request = on_request
         self._on_event = on_event
         self._rng = rng if rng is not None else random.Random()
         self._events_max = events_max
@@ -137,6 +159,8 @@ class Mesh:
         loop = asyncio.get_running_loop()
         tcp, udp = bind_pair(*self._bind)
         try:
+            with contextlib.suppress(OSError):
+                udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
             port = tcp.getsockname()[1]
             host, adv_port = self._advertise_arg or (self._bind[0], 0)
             if is_wildcard(host):
@@ -227,6 +251,55 @@ class Mesh:
     def local_member(self) -> Member:
         return self._core().local_member()
 
+    def evict(self, node_id: str) -> None:
+        """Declare a member dead now, as if our suspicion of it had timed out, and gossip it
+        (a revoked node). Nothing happens for the local node or an unknown, dead or left one."""
+        swim = self._running()
+        member = swim.member(node_id)
+        if member is None or node_id == self._node_id or member.state in (
+                wire.MemberState.DEAD, wire.MemberState.LEFT):
+            return
+        packet = wire.pack(self._cluster, [wire.Dead(member.incarnation, node_id,
+                                                     self._node_id)])
+        self._dispatch(swim.receive(asyncio.get_running_loop().time(), packet, self.address))
+        log.info("mesh.evict", node=node_id)
+
+    def deliver(self, data: bytes, addr: Addr) -> None:
+        """Feed the core a datagram the sealer opened late (one it kept until its key came)."""
+        if self._state is not MeshState.CLOSED and self._swim is not None:
+            self._dispatch(self._swim.receive(asyncio.get_running_loop().time(), data, addr))
+
+    def send_sealed(self, data: bytes, addr: Addr) -> None:
+        """Send a datagram the sealer has already sealed (one it held back for a key)."""
+        udp = self._udp
+        if self._state is not MeshState.CLOSED and udp is not None and not udp.is_closing():
+            udp.sendto(data, addr)
+
+    async def request(self, addr: Addr, payload: bytes, *, expect: str | None = None) -> bytes:
+        """One application request/reply over the gossip TCP path (TLS and peer_check as for
+        push-pull) to the ``on_request`` handler of the node at ``addr``; ``expect``: refuse
+        unless peer_check names that node. Raises MeshError (or OSError / TimeoutError)."""
+        self._running()
+        async with asyncio.timeout(self.config.stream_timeout_s):
+            reader, writer = await asyncio.open_connection(
+                addr[0], addr[1], ssl=self._client_ssl,
+                server_hostname=addr[0] if self._client_ssl else None)
+            try:
+                peer = self._check_peer(writer, addr)
+                if expect is not None and peer != expect:
+                    raise MeshError(f"peer at {addr} is {peer}, expected {expect}")
+                writer.write(wire.frame(REQUEST_MARK + payload))
+                await writer.drain()
+                reply = await self._read_frame(reader)
+            except _PeerRefused as exc:
+                raise MeshError(str(exc)) from None
+            finally:
+                writer.close()
+        if not reply.startswith(REQUEST_MARK):
+            raise MeshError(f"peer at {addr} answered a request with something else")
+        self.stats["request.out"] += 1
+        return reply[1:]
+
     def node_id_at(self, addr: Addr) -> str | None:
         """Id of the member last seen at a gossip address (for a sealer keyed by peer id)."""
         return self._core().node_id_at(addr)
@@ -293,7 +366,11 @@ class Mesh:
         udp = self._udp
         for addr, data in out.packets:
             if udp is not None and not udp.is_closing():
-                udp.sendto(self._sealer.seal(data, addr), addr)
+                sealed = self._sealer.seal(data, addr)
+                if sealed is None:
+                    self.stats["seal.none"] += 1  # the sealer held or dropped it (no key yet)
+                else:
+                    udp.sendto(sealed, addr)
         for addr, body in out.streams:
             self._spawn(self._exchange(addr, body))
         for event in out.events:
@@ -352,9 +429,12 @@ class Mesh:
         peername = writer.get_extra_info("peername")
         peer: Addr = (peername[0], peername[1]) if peername else ("?", 0)
         try:
-            self._check_peer(writer, peer)
+            peer_id = self._check_peer(writer, peer)
             async with asyncio.timeout(self.config.stream_timeout_s):
                 body = await self._read_frame(reader)
+                if body.startswith(REQUEST_MARK):
+                    await self._answer_request(writer, body[1:], peer_id, peer)
+                    return
                 swim = self._core()
                 out = swim.on_stream(asyncio.get_running_loop().time(), body, peer)
                 if out.reply is not None:
@@ -369,16 +449,27 @@ class Mesh:
             if task is not None:
                 self._tasks.discard(task)
 
+    async def _answer_request(self, writer: asyncio.StreamWriter, payload: bytes,
+                              peer_id: str | None, peer: Addr) -> None:
+        handler = self._on_request
+        reply = handler(payload, peer_id, peer) if handler is not None else None
+        self.stats["request.in"] += 1
+        if reply is None:
+            self.stats["request.refused"] += 1
+            return
+        writer.write(wire.frame(REQUEST_MARK + reply))
+        await writer.drain()
+
     async def _read_frame(self, reader: asyncio.StreamReader) -> bytes:
         header = await reader.readexactly(wire.FRAME_HEADER.size)
         length = wire.decode_frame_length(header, self.config.stream_max_bytes)
         return await reader.readexactly(length)
 
-    def _check_peer(self, writer: asyncio.StreamWriter, addr: Addr) -> None:
+    def _check_peer(self, writer: asyncio.StreamWriter, addr: Addr) -> str | None:
         if self._peer_check is None:
-            return
+            return None
         try:
-            self._peer_check(writer.get_extra_info("ssl_object"), addr)
+            return self._peer_check(writer.get_extra_info("ssl_object"), addr)
         except Exception as exc:  # the check raises its own error types
             self.stats["stream.peer_refused"] += 1
             raise _PeerRefused(f"peer {addr} refused: {exc}") from exc

@@ -15,10 +15,12 @@ from .errors import (
     ModelUnavailable,
     NodeError,
 )
+from .keys import INTERNAL_KEYS_PATH, ApiKey, CreateKeyRequest, KeyStore, KeyTable, new_key
 from .node import DeploymentView, Node, NodeState, Target
 from .replicas import Replica, ReplicaStatus
 from .router import Router, request_key
-from .sync import INTERNAL_DEPLOYMENTS_PATH
+from .security import INTERNAL_REVOCATION_PATH, ClusterSecurity, load_security
+from .sync import INTERNAL_DEPLOYMENTS_PATH, response_ssl_object
 
 __all__ = [
     "CATALOGUE",
@@ -28,6 +30,14 @@ __all__ = [
     "DeploymentExists",
     "DeploymentView",
     "INTERNAL_DEPLOYMENTS_PATH",
+    "INTERNAL_REVOCATION_PATH",
+    "ClusterSecurity",
+    "INTERNAL_KEYS_PATH",
+    "ApiKey",
+    "CreateKeyRequest",
+    "KeyStore",
+    "KeyTable",
+    "new_key",
     "InvalidDeployment",
     "LaunchRequest",
     "ModelFailed",
@@ -46,6 +56,8 @@ __all__ = [
     "default_data_dir",
     "find_spec",
     "load_config",
+    "load_security",
+    "response_ssl_object",
     "request_key",
     "locate",
 ]

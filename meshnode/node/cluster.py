@@ -12,14 +12,17 @@ import asyncio
 import contextlib
 import ipaddress
 from collections.abc import Callable
+from typing import Self
 
 import msgspec
 import structlog
 
-from meshnode.mesh import Member, MemberState, Mesh, MeshConfig, PROTOCOL_VERSION
+from meshnode.mesh import PROTOCOL_VERSION, Member, MemberState, Mesh, MeshConfig
 from meshnode.mesh.discovery import Discovery, Found
+from meshnode.mesh.gossip_keys import GossipKeys
 
 from .config import NodeConfig
+from .security import ClusterSecurity
 
 __all__ = ["Cluster", "MemberView", "NodeLoad", "NodeMeta"]
 
@@ -40,6 +43,12 @@ class NodeMeta(msgspec.Struct, frozen=True, array_like=True):
     version: str = ""
     deployments_digest: str = ""
     """DeploymentTable.digest() of this node: a peer whose digest differs pulls our table."""
+    internal_port: int = 0
+    """Port of the node-to-node mTLS listener of a signed cluster (0: open cluster)."""
+    revocation_seq: int = 0
+    """Sequence of the revocation list this node holds: a peer holding a lower one pulls it."""
+    keys_digest: str = ""
+    """KeyTable.digest() of this node: a peer whose digest differs pulls our API keys."""
 
 
 class NodeLoad(msgspec.Struct, frozen=True, array_like=True):
@@ -93,8 +102,12 @@ def _parse_seed(seed: str, default_port: int) -> tuple[str, int]:
 
 class Cluster:
     def __init__(self, config: NodeConfig, node_id: str, meta: Callable[[], NodeMeta],
-                 load: Callable[[], NodeLoad]) -> None:
+                 load: Callable[[], NodeLoad], security: ClusterSecurity | None = None) -> None:
+        """With `security` the mesh is that of a signed cluster: its cluster id replaces the
+        open `cluster` name, every datagram is sealed (GossipKeys) and every TCP exchange is
+        mTLS checked by `security.mesh_peer_check`."""
         self.config = config
+        self.security = security
         self.node_id = node_id
         self._delegate = _Delegate(meta, load)
         preset = MeshConfig.local if config.mesh_preset == "local" else MeshConfig.lan
@@ -105,15 +118,23 @@ class Cluster:
             advertise = (host, port)
         # A node id is the hash of the node's own key, so the same id at a new address after
         # it died is that node restarted (new DHCP lease, new port): let it reclaim its id.
+        self.keys = GossipKeys(node_id) if security is not None else None
+        self.cluster_id = security.cluster_id if security is not None else config.cluster
         self.mesh = Mesh(preset(dead_node_reclaim_s=1.0), node_id=node_id, name=config.name,
                          bind=(bind_host, config.gossip_port), advertise=advertise,
-                         cluster=config.cluster, delegate=self._delegate)
+                         cluster=self.cluster_id, delegate=self._delegate, sealer=self.keys,
+                         server_ssl=security.server_context() if security else None,
+                         client_ssl=security.client_context() if security else None,
+                         peer_check=security.mesh_peer_check if security else None,
+                         on_request=self.keys.handle_request if self.keys else None)
+        if self.keys is not None:
+            self.keys.attach(self.mesh)
         self.discovery: Discovery | None = None
         self._seeds = [_parse_seed(s, 7701) for s in config.join]
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[object]] = []
         self._last_meta = b""
 
-    async def __aenter__(self) -> "Cluster":
+    async def __aenter__(self) -> Self:
         await self.mesh.start()
         self._last_meta = self._delegate.node_meta()
         self._tasks.append(asyncio.create_task(self._watch_meta(), name="cluster:meta"))
@@ -122,7 +143,7 @@ class Cluster:
         mdns_ip = self._mdns_ip()
         if mdns_ip is not None:
             self.discovery = Discovery(
-                node_id=self.node_id, cluster=self.config.cluster, bind_ip=mdns_ip,
+                node_id=self.node_id, cluster=self.cluster_id, bind_ip=mdns_ip,
                 gossip_port=self.mesh.address[1], http_port=self.config.http_port,
                 protocol=PROTOCOL_VERSION, on_found=self._found)
             await self.discovery.__aenter__()
@@ -153,7 +174,7 @@ class Cluster:
         try:
             await self.mesh.join(seeds)
             return True
-        except Exception as exc:  # JoinError, OSError: the seed may come up later
+        except Exception as exc:  # noqa: BLE001 - JoinError, OSError: the seed may come up later
             log.info("cluster.join_failed", seeds=seeds, error=str(exc))
             return False
 
@@ -162,15 +183,22 @@ class Cluster:
         delay = 1.0
         while True:
             alive = [m for m in self.mesh.members() if m.state is MemberState.ALIVE]
-            if len(alive) <= 1:
-                if await self._try_join(self._seeds):
-                    delay = 1.0
+            if len(alive) <= 1 and await self._try_join(self._seeds):
+                delay = 1.0
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
 
     async def _watch_meta(self) -> None:
+        rejected: dict[str, int] = {}
+        tick = 0
         while True:
             await asyncio.sleep(1.0)
+            tick += 1
+            if self.keys is not None and tick % 30 == 0:  # totals since start, logged when they grew
+                now = self.keys.rejected
+                if now != rejected:
+                    log.info("gossip.rejected", **{k: v for k, v in now.items() if v})
+                    rejected = now
             meta = self._delegate.node_meta()
             if meta != self._last_meta:
                 self._last_meta = meta
@@ -195,11 +223,24 @@ class Cluster:
         if self.discovery is not None:
             await self.discovery.close()
         await self.mesh.close()
+        if self.keys is not None:
+            await self.keys.close()
+
+    def revoke(self, node_ids: frozenset[str]) -> None:
+        """Drop revoked nodes: their gossip keys, their membership (declared dead)."""
+        for node_id in node_ids:
+            if self.keys is not None:
+                self.keys.deny(node_id)
+            with contextlib.suppress(Exception):
+                self.mesh.evict(node_id)
 
     def members(self) -> list[MemberView]:
         now = asyncio.get_running_loop().time()
         views = []
+        security = self.security
         for m in sorted(self.mesh.members(), key=lambda m: m.name):
+            if security is not None and security.is_revoked(m.node_id):
+                continue
             meta = _decode(_meta_decoder, m.meta)
             load = _decode(_load_decoder, m.load)
             views.append(MemberView(

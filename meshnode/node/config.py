@@ -91,6 +91,17 @@ class NodeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     internal_port: Port = 7702
     """TCP port of the node-to-node listener (mTLS) of a signed cluster: forwarded requests and
     table sync; 0 picks a free port (tests). Unused by an open cluster."""
+    api_keys: Literal["auto", "required", "off"] = "auto"
+    """Whether API clients need a key (Bearer). auto: required when the node has a cluster
+    identity (`ca_cert`) or binds a non-loopback `host` without `insecure`; open otherwise.
+    required: always (tests, or a loopback node shared by several users). off: never (only
+    sensible behind another gateway). `/health` is always open."""
+    ca_dir: str = ""
+    """Directory of the cluster CA (`meshnode ca init`) on the node that holds it; empty =
+    `<data_dir>/ca` if present. Such a node serves invite redemption on `invite_port`
+    (passphrase from MESHNODE_CA_PASSPHRASE or MESHNODE_CA_PASSPHRASE_FILE)."""
+    invite_port: Port = 7703
+    """TCP port (TLS) where the CA holder redeems invite tokens; 0 picks a free port (tests)."""
     engine_pythons: dict[str, str] = {}
     """Per-engine interpreter of its own venv, e.g. {"vllm": "/opt/vllm/bin/python"}; engines
     pin conflicting versions. Unlisted engines use the node's own interpreter."""

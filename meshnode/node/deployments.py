@@ -11,11 +11,15 @@ bring a stopped deployment back, so the TTL is a trade of memory against such lo
 from __future__ import annotations
 
 import hashlib
+import os
 import time
+from pathlib import Path
 from typing import Annotated
 
 import msgspec
 from msgspec import Meta
+
+from .errors import ConfigError
 
 __all__ = ["Deployment", "DeploymentTable", "LaunchRequest", "ScaleRequest"]
 
@@ -138,3 +142,28 @@ class DeploymentTable:
         for d in self.entries():
             h.update(msgspec.msgpack.encode((d.name, d.version, d.origin, d.deleted)))
         return h.hexdigest()
+
+    def save(self, path: Path) -> None:
+        """Write every entry (tombstones included) to `path` atomically: a crash leaves the
+        old file or the new one, never half of one."""
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(msgspec.json.encode(self.entries()))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def load(self, path: Path) -> int:
+        """Merge the entries saved at `path` (none if it does not exist); how many changed.
+        ConfigError, with the table unchanged, if the file is not a saved table."""
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return 0
+        try:
+            entries = msgspec.json.decode(data, type=list[Deployment])
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ConfigError(f"{path} is not a saved deployment table ({exc}): move it away "
+                              "and restart; the node then learns the table from its peers"
+                              ) from None
+        return sum(self.merge(d) for d in entries)

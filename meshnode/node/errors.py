@@ -1,7 +1,8 @@
 """Errors raised by the node package.
 
     NodeError                     root of every error this package raises
-    ├── ConfigError               a setting is missing, malformed or out of range
+    ├── ConfigError               a setting or a state file is missing, malformed or unsafe
+    │   └── KeyFileError          the API key file (keys.py) cannot be used
     ├── ModelNotFound             no catalogue entry, file or deployment of that name (HTTP 404)
     ├── InvalidDeployment         a launch/scale request that cannot be honoured (HTTP 400)
     ├── DeploymentExists          a deployment of that name already exists (HTTP 409)

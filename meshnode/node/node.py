@@ -37,6 +37,7 @@ from meshnode.engines import (
 
 from meshnode import __version__
 from meshnode.mesh import MemberState
+from meshnode.mesh.crypto_errors import RevocationError, SecurityError
 from meshnode.mesh.identity import NodeIdentity
 
 from . import placement
@@ -45,16 +46,19 @@ from .cluster import Cluster, MemberView, NodeLoad, NodeMeta
 from .config import NodeConfig
 from .deployments import Deployment, DeploymentTable, LaunchRequest
 from .errors import (
+    ConfigError,
     DeploymentExists,
     InvalidDeployment,
     ModelNotFound,
     ModelUnavailable,
     NodeError,
 )
+from .keysync import NodeKeys
 from .replicas import Replica, ReplicaStatus
 from .views import DeploymentView, deployment_status
 from .router import Router
-from .sync import DeploymentSync, Peer, encode_entries
+from .security import INTERNAL_REVOCATION_PATH, ClusterSecurity
+from .sync import DeploymentSync, Peer, TableSync, encode_entries
 
 __all__ = ["DeploymentView", "Node", "NodeState", "Target"]
 
@@ -85,8 +89,12 @@ _load_decoder = msgspec.msgpack.Decoder(NodeLoad)
 
 
 class Node:
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, security: ClusterSecurity | None = None) -> None:
+        """`security` (security.load_security) makes this a node of a signed cluster."""
         self.config = config.resolved()
+        self.security = security
+        self.internal_port = 0
+        """Port of the internal mTLS listener (set by the HTTP layer); 0 in an open cluster."""
         self.name = self.config.name
         self.data_dir = Path(self.config.data_dir)
         self.deployments = DeploymentTable(self.config.tombstone_ttl_s)
@@ -104,10 +112,26 @@ class Node:
         self.node_id = ""
         self.cluster: Cluster | None = None
         self.router = Router()
-        self.sync = DeploymentSync(self.deployments, self._table_changed)
+        ssl_context = security.client_context() if security is not None else None
+        verify = self.verify_peer_tls if security is not None else None
+        self.sync = DeploymentSync(self.deployments, self._table_changed,
+                                   ssl_context=ssl_context, verify=verify)
+        self.revocation_sync: TableSync | None = None
+        if security is not None:
+            self.revocation_sync = TableSync(
+                INTERNAL_REVOCATION_PATH, lambda: str(security.revocation_seq),
+                self._merge_revocation, self._table_changed, ssl_context=ssl_context,
+                verify=verify, what="revocation")
+        self.api_keys = NodeKeys(self.data_dir, self.name, self._table_changed,
+                                 tombstone_ttl_s=self.config.tombstone_ttl_s,
+                                 ssl_context=ssl_context, verify=verify)
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._metas: dict[bytes, NodeMeta | None] = {}
+
+    @property
+    def _table_path(self) -> Path:
+        return self.data_dir / "deployments.json"
 
     async def __aenter__(self) -> "Node":
         if self.state is not NodeState.NEW:
@@ -120,19 +144,34 @@ class Node:
         self.engines = await asyncio.to_thread(probe_engines, self.hardware,
                                                self.config.engine_pythons)
         log.info("node.engines", available=[o.engine for o in self.engines if o.available])
-        self.identity = await asyncio.to_thread(NodeIdentity.load_or_create, self.data_dir)
+        if self.security is not None:
+            self.identity = self.security.identity
+        else:
+            self.identity = await asyncio.to_thread(NodeIdentity.load_or_create, self.data_dir)
         self.node_id = self.identity.node_id
+        # The table as this node last saw it: a cluster restarted as a whole comes back with
+        # its deployments; peers' newer writes (and tombstones) win when they are merged.
+        await asyncio.to_thread(self.deployments.load, self._table_path)
         self.state = NodeState.RUNNING
         try:
-            self.cluster = Cluster(self.config, self.node_id, self._meta, self._load)
+            self.cluster = Cluster(self.config, self.node_id, self._meta, self._load,
+                                   self.security)
             await self.cluster.__aenter__()
             await self.sync.__aenter__()
+            if self.security is not None and self.revocation_sync is not None:
+                rl = self.security.revocation
+                if rl is not None:
+                    self.cluster.revoke(rl.node_ids)
+                self.security.on_revoked.append(self._revoked)
+                await self.revocation_sync.__aenter__()
+            await self.api_keys.__aenter__()
             self._tasks = [
                 asyncio.create_task(self._reconcile_loop(), name="node:reconcile"),
                 asyncio.create_task(self._events_loop(), name="node:events"),
             ]
             for model in self.config.models:
-                await self.launch(LaunchRequest(model=model))
+                if find_spec(model).name not in self.deployments:  # saved from a last run
+                    await self.launch(LaunchRequest(model=model))
         except BaseException:
             await self.close()
             raise
@@ -151,6 +190,9 @@ class Node:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.sync.close()
+        if self.revocation_sync is not None:
+            await self.revocation_sync.close()
+        await self.api_keys.close()
         if self.cluster is not None:
             await self.cluster.leave()  # others see `left` now, not after a suspicion timeout
         async with self._lock:
@@ -170,7 +212,10 @@ class Node:
             ram_mb=hw.ram_mb if hw else 0, gpus=len(hw.gpus) if hw else 0,
             engines=tuple(o.engine for o in self.engines if o.available),
             replicas=tuple((name, r.state) for name, r in sorted(self.replicas.items())),
-            version=__version__, deployments_digest=self.deployments.digest())
+            version=__version__, deployments_digest=self.deployments.digest(),
+            internal_port=self.internal_port,
+            revocation_seq=self.security.revocation_seq if self.security else 0,
+            keys_digest=self.api_keys.digest())
 
     def _local_in_flight(self) -> int:
         return sum(r.in_flight for r in self.replicas.values())
@@ -200,8 +245,11 @@ class Node:
         if self.cluster is None:
             return []
         out = []
+        security = self.security
         for m in self.cluster.mesh.members():
             if m.node_id == self.node_id or m.state not in states:
+                continue
+            if security is not None and security.is_revoked(m.node_id):
                 continue
             meta = self._decode_meta(m.meta)
             if meta is not None:
@@ -214,8 +262,57 @@ class Node:
         view[self.node_id] = self._meta()
         return view
 
+    def peer_url(self, meta: NodeMeta) -> str:
+        """Base URL for node-to-node calls to a peer: its internal mTLS listener in a signed
+        cluster, its public API in an open one."""
+        if self.security is not None:
+            return f"https://{meta.http_host}:{meta.internal_port}"
+        return f"http://{meta.http_host}:{meta.http_port}"
+
+    def verify_peer_tls(self, ssl_object: object, node_id: str) -> None:
+        """Raise unless the TLS peer is node `node_id` of this cluster and not revoked
+        (a no-op in an open cluster)."""
+        if self.security is not None:
+            self.security.check_peer(ssl_object, node_id)  # type: ignore[arg-type]
+
+    def revocation_bytes(self) -> bytes:
+        """The revocation list this node holds (empty if none), for a peer's pull."""
+        rl = self.security.revocation if self.security is not None else None
+        return rl.to_bytes() if rl is not None else b""
+
+    def adopt_revocation(self, data: bytes) -> int:
+        """Merge a CA-signed revocation list (see security.py); the sequence now held.
+        ConfigError for an open node or a list that is not this cluster CA's."""
+        if self.security is None:
+            raise ConfigError("this node has no cluster CA, so it has no revocation list: "
+                              "start it with --ca and --cert")
+        try:
+            adopted = self.security.adopt_revocation(data)
+        except (RevocationError, SecurityError) as exc:
+            raise ConfigError(f"revocation list refused: {exc}") from None
+        if adopted:
+            self._table_changed()
+        return self.security.revocation_seq
+
+    def _merge_revocation(self, data: bytes) -> list[str]:
+        if self.security is None or not data:
+            return []
+        return [str(self.security.revocation_seq)] if self.security.adopt_revocation(data) \
+            else []
+
+    def _revoked(self, node_ids: frozenset[str]) -> None:
+        if self.cluster is not None:
+            self.cluster.revoke(node_ids)
+        self._wake.set()
+
     def _table_changed(self) -> None:
-        """The deployment table changed (a local write or a merge): gossip it, place now."""
+        """The deployment table changed (a local write or a merge): save it, gossip it,
+        place now."""
+        if self.state is NodeState.RUNNING:
+            try:
+                self.deployments.save(self._table_path)
+            except OSError as exc:
+                log.error("deployments.save_failed", path=str(self._table_path), error=str(exc))
         if self.cluster is not None:
             self.cluster.refresh_meta()
         self._wake.set()
@@ -234,8 +331,16 @@ class Node:
                 if self.deployments.purge():
                     self._table_changed()
                 self.sync.check(
-                    Peer(node_id, f"http://{meta.http_host}:{meta.http_port}",
-                         meta.deployments_digest)
+                    Peer(node_id, self.peer_url(meta), meta.deployments_digest)
+                    for node_id, meta, _ in self._peers((MemberState.ALIVE,)))
+                if self.revocation_sync is not None and self.security is not None:
+                    ours = self.security.revocation_seq
+                    self.revocation_sync.check(
+                        Peer(node_id, self.peer_url(meta), str(meta.revocation_seq))
+                        for node_id, meta, _ in self._peers((MemberState.ALIVE,))
+                        if meta.revocation_seq > ours)
+                self.api_keys.check(
+                    Peer(node_id, self.peer_url(meta), meta.keys_digest)
                     for node_id, meta, _ in self._peers((MemberState.ALIVE,)))
                 await self._reconcile()
             except Exception:  # a bug here must not stop placement for good
@@ -264,7 +369,10 @@ class Node:
                 if self.node_id in chosen:
                     if replica is None:
                         await self._start_replica(d)
-                elif replica is not None and placement.can_unload(d.name, chosen, view):
+                elif replica is not None and replica.state != "failed" \
+                        and placement.can_unload(d.name, chosen, view):
+                    # A failed replica stays as a record: it keeps this node out of the
+                    # candidates (placement.py) until the deployment changes.
                     log.info("replica.unload", model=d.name, reason="moved",
                              holders=[view[h].name for h in chosen])
                     closing.append(self.replicas.pop(d.name))
@@ -424,7 +532,7 @@ class Node:
         for node_id, meta, load in self._peers(_PLACEMENT_STATES):
             if (name, "ready") in meta.replicas:
                 loads[node_id] = _in_flight(load)
-                where[node_id] = (meta.name, f"http://{meta.http_host}:{meta.http_port}")
+                where[node_id] = (meta.name, self.peer_url(meta))
         if not loads:
             if local is not None:
                 local.session()  # raises ModelFailed / ModelUnavailable saying why

@@ -3,8 +3,9 @@
 Every node runs the same computation on the same gossiped view, so they agree with no
 coordinator:
 
-    candidates(d) = {node: weight} for members whose engines include d.engine and whose RAM
-                    holds the model (ram_mb >= size_mb * RAM_HEADROOM, when both are known)
+    candidates(d) = {node: weight} for members whose engines include d.engine, whose RAM
+                    holds the model (ram_mb >= size_mb * RAM_HEADROOM, when both are known),
+                    and whose replica of d has not failed
     weight        = ram_mb (1.0 when unknown): bigger nodes win proportionally more deployments
     holders(d)    = rendezvous_top(d.name, candidates(d), d.replicas)
 
@@ -12,6 +13,13 @@ Rendezvous hashing moves only what it must: when a node dies, only the deploymen
 get a new holder (the next-best score), and every other holder stays put. A node that finds
 itself a holder starts a replica; one that is no longer a holder keeps serving until every
 holder reports the replica ready (`can_unload`), so a move never leaves a gap.
+
+A replica that failed (its engine never became ready: a missing model file on that node, not
+enough memory, a broken engine install) stays on its node as a failed record, gossiped with
+its reason, and takes that node out of the deployment's candidates: the next node in
+rendezvous order takes the replica over. A model given by a path that exists on only some
+nodes therefore settles on a node that has the file. The record goes when the deployment
+changes (scale, relaunch) or stops, and the node may then try again.
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ def candidates(deployment: Deployment, members: Mapping[str, NodeMeta],
     out: dict[str, float] = {}
     for node_id, meta in members.items():
         if deployment.engine not in meta.engines:
+            continue
+        if (deployment.name, "failed") in meta.replicas:
             continue
         if size_mb and meta.ram_mb and meta.ram_mb < size_mb * RAM_HEADROOM:
             continue
@@ -68,6 +78,10 @@ def unplaced_reason(deployment: Deployment, members: Mapping[str, NodeMeta],
     """Why no node can hold `deployment` ("" when some node can)."""
     if candidates(deployment, members, size_mb):
         return ""
+    failed = [m.name for m in members.values() if (deployment.name, "failed") in m.replicas]
+    if failed:
+        return (f"it failed to load on {', '.join(sorted(failed))} and no other node can hold "
+                f"it: see each node's reason in `meshnode ps`, fix it, then relaunch")
     with_engine = [m for m in members.values() if deployment.engine in m.engines]
     if not with_engine:
         return (f"no node can hold this model: none of the {len(members)} reachable node(s) "

@@ -117,6 +117,13 @@ class Replica:
         """Prefix of the engine's URLs for `session()` (its Unix socket or TCP address)."""
         return self.process.base_url if self.process is not None else "http://engine"
 
+    def address(self) -> str:
+        """Where the engine's OpenAI server answers: `unix:/path` or `http://host:port`; or
+        ModelUnavailable/ModelFailed saying why it does not."""
+        self.session()  # raises unless ready
+        assert self.process is not None
+        return self.process.command.base_url or f"unix:{self.process.socket_path}"
+
     def session(self) -> aiohttp.ClientSession:
         """The engine's client session, or ModelUnavailable/ModelFailed saying why not."""
         p = self.process

@@ -1,13 +1,17 @@
 """Routing: which ready replica serves a request. Every node makes the same choice.
 
-    key(chat)        = model \\0 system prompt \\0 first user message    (as JSON text)
+    key(chat)        = model \\0 first 256 bytes of (system prompt \\0 first user message)
     key(completion)  = model \\0 first 256 bytes of the prompt (embeddings: of the input)
     ring             = Ring(ready node ids), cached per (deployment, ready set)
     first            = ring.choose(key, loads, c=1.25)
     order            = [first] + the rest of ring.walk(key): the retry order
 
 Requests that share a prefix reach the same replica (its KV/prefix cache is warm) unless that
-replica is above 1.25x the mean load, then they spill to the next one on the ring.
+replica is above 1.25x the mean load, then they spill to the next one on the ring. The key is
+the prompt's first 256 bytes, chat or not: requests under one long system prompt (an app's
+instructions, the expensive shared prefix) go together, while under a short one ("Be brief.")
+the first user message makes each conversation its own key, so its later turns, which extend
+the same prefix, return to the replica that holds it.
 
 Loads: a node's gossiped in-flight count, or this node's own count of requests it has
 forwarded there and not yet seen answered, whichever is larger. The gossiped count already
@@ -59,7 +63,7 @@ def request_key(req: ChatCompletionRequest | CompletionRequest | EmbeddingReques
             system = next((m.content for m in req.messages
                            if m.role in ("system", "developer")), None)
             user = next((m.content for m in req.messages if m.role == "user"), None)
-            return b"\0".join((model, _text(system), _text(user)))
+            return model + b"\0" + (_text(system) + b"\0" + _text(user))[:PREFIX_BYTES]
         case CompletionRequest():
             return model + b"\0" + _text(req.prompt)[:PREFIX_BYTES]
         case EmbeddingRequest():

@@ -45,7 +45,8 @@ def test_mdns_discovery_partition_and_heal(tmp_path: Path) -> None:
             log = stack.enter_context(open(tmp_path / f"h{i}.log", "wb"))
             net.popen(i, [sys.executable, "-m", "meshnode", "start", "--host", net.ips[i],
                           "--name", f"h{i}", "--data-dir", str(tmp_path / f"h{i}"),
-                          "--mesh-preset", "local", "--log-format", "json"],
+                          "--mesh-preset", "local", "--log-format", "json",
+                          "--insecure"],  # an open cluster off loopback, on purpose
                       stdout=subprocess.DEVNULL, stderr=log)
         names = {"h0", "h1", "h2"}
 

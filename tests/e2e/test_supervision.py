@@ -172,6 +172,13 @@ def test_cli_launch_ps_stop(own_node: NodeProcess) -> None:
     header, *rows = ps.stdout.splitlines()
     assert header.split()[:5] == ["NAME", "MODEL", "ENGINE", "READY", "STATUS"]
     assert any(r.split()[0] == "cli-model" and "ready" in r for r in rows)
+    scaled = run("scale", "cli-model", "2")
+    assert scaled.returncode == 0, scaled.stderr
+    assert "2 replica(s) wanted" in scaled.stdout
+    row = next(r for r in run("ps").stdout.splitlines() if r.split()[0] == "cli-model")
+    assert row.split()[3] == "1/2", row  # one node: the second replica has nowhere to go
+    zero = run("scale", "cli-model", "0")
+    assert zero.returncode == 1 and "meshnode stop cli-model" in zero.stderr
     assert run("stop", "cli-model").returncode == 0
     assert "cli-model" not in run("ps").stdout
     missing = run("stop", "cli-model")

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import itertools
 import time
+from pathlib import Path
 
 import msgspec
+import pytest
 
+from meshnode.node import ConfigError
 from meshnode.node.deployments import Deployment, DeploymentTable
 from meshnode.node.sync import decode_entries, encode_entries
 
@@ -71,3 +74,34 @@ def test_digest_changes_with_any_entry_and_wire_round_trip() -> None:
     table.put(dep("x", 1, deleted=True))
     assert len({empty, one, table.digest()}) == 3 and len(one) == 16
     assert decode_entries(encode_entries(table)) == table.entries()
+
+
+def test_table_saves_and_loads_with_tombstones(tmp_path: Path) -> None:
+    table = DeploymentTable()
+    keep = Deployment.new(name="keep", model="m", engine="llama.cpp", replicas=2,
+                          chat_template=None, context_length=2048, origin="a")
+    gone = Deployment.new(name="gone", model="m", engine="llama.cpp", replicas=1,
+                          chat_template=None, context_length=2048, origin="a")
+    table.put(keep)
+    table.put(gone.tombstone("a"))
+    path = tmp_path / "deployments.json"
+    table.save(path)
+    again = DeploymentTable()
+    assert again.load(path) == 2
+    assert again.entries() == table.entries() and again.digest() == table.digest()
+    assert "gone" not in again and again.get("keep") == keep
+    assert DeploymentTable().load(tmp_path / "missing.json") == 0
+
+
+@pytest.mark.parametrize("content", [b"", b"{not json", b'[{"name": 1}]', b'{"a": 1}'])
+def test_a_damaged_table_file_is_refused_and_changes_nothing(tmp_path: Path,
+                                                            content: bytes) -> None:
+    table = DeploymentTable()
+    table.put(Deployment.new(name="x", model="m", engine="llama.cpp", replicas=1,
+                             chat_template=None, context_length=2048, origin="a"))
+    before = table.entries()
+    path = tmp_path / "deployments.json"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match="move it away"):
+        table.load(path)
+    assert table.entries() == before

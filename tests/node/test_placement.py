@@ -73,3 +73,22 @@ def test_unplaced_reason_says_why() -> None:
     assert unplaced_reason(dep(), {"a": meta("a")}) == ""
     assert "llama.cpp engine" in unplaced_reason(dep(), {"a": meta("a", engines=("vllm",))})
     assert "RAM" in unplaced_reason(dep(), {"a": meta("a", ram_mb=50)}, size_mb=98)
+
+
+def test_a_failed_replica_hands_the_deployment_to_the_next_node() -> None:
+    members = {n: meta(n) for n in "abcd"}
+    d = dep("m", replicas=2)
+    first = holders(d, members)
+    failed = {**members, first[0]: meta(first[0], replicas=(("m", "failed"),))}
+    after = holders(d, failed)
+    assert first[0] not in after and len(after) == 2
+    assert first[1] in after  # the healthy holder stays put
+    # Other deployments on the failed node are not affected.
+    assert holders(dep("other"), failed) == holders(dep("other"), members)
+
+
+def test_failed_everywhere_says_where_and_what_to_do() -> None:
+    members = {n: meta(n, replicas=(("m", "failed"),)) for n in "ab"}
+    assert holders(dep("m"), members) == []
+    why = unplaced_reason(dep("m"), members)
+    assert "failed to load on a, b" in why and "meshnode ps" in why

@@ -31,6 +31,14 @@ def test_chat_key_is_model_system_and_first_user_message() -> None:
     assert request_key(parts) != base  # content parts hash as their JSON
 
 
+def test_chat_key_under_a_long_system_prompt_is_that_prompt() -> None:
+    app = "You answer questions about our product. " * 10  # > PREFIX_BYTES
+    assert len(app.encode()) > PREFIX_BYTES
+    assert request_key(chat(app, "first user")) == request_key(chat(app, "another user"))
+    assert request_key(chat(app, "q")) != request_key(chat("x" + app, "q"))
+    assert request_key(chat(app, "q")) != request_key(chat(app, "q", model="other"))
+
+
 def test_completion_key_is_the_first_bytes_of_the_prompt() -> None:
     def comp(prompt: object) -> bytes:
         return request_key(msgspec.convert({"model": "m", "prompt": prompt}, CompletionRequest))

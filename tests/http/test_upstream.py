@@ -1,0 +1,238 @@
+"""The lean upstream client against real aiohttp servers (and a raw one that misbehaves)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from meshnode.http.upstream import BUFFER_HIGH, Upstream, UpstreamError
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[dict[str, object]]:
+    seen: dict[str, object] = {"cancelled": asyncio.Event(), "bodies": []}
+
+    async def echo(request: web.Request) -> web.Response:
+        body = await request.read()
+        seen["bodies"].append(body)  # type: ignore[attr-defined]
+        return web.json_response({"len": len(body), "ct": request.content_type,
+                                  "rid": request.headers.get("X-Request-Id")})
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        n = int(request.query.get("n", "5"))
+        size = int(request.query.get("size", "10"))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        try:
+            for i in range(n):
+                await resp.write(f"data: {i}\n\n".encode() + b"x" * size)
+            await resp.write_eof()
+        except asyncio.CancelledError:
+            seen["cancelled"].set()  # type: ignore[attr-defined]
+            raise
+        return resp
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        try:
+            await resp.write(b"first")
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            seen["cancelled"].set()  # type: ignore[attr-defined]
+            raise
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/echo", echo)
+    app.router.add_get("/stream", stream)
+    app.router.add_get("/slow", slow)
+    runner = web.AppRunner(app, handler_cancellation=True, keepalive_timeout=0.3)
+    await runner.setup()
+    tcp = web.TCPSite(runner, "127.0.0.1", 0)
+    await tcp.start()
+    sock = str(tmp_path / "s.sock")
+    await web.UnixSite(runner, sock).start()
+    port = runner.addresses[0][1]
+    seen["tcp"] = f"http://127.0.0.1:{port}"
+    seen["unix"] = f"unix:{sock}"
+    yield seen
+    await runner.cleanup()
+
+
+async def test_content_length_answer_and_reuse(server: dict[str, object]) -> None:
+    async with Upstream() as up:
+        for base in (server["tcp"], server["unix"]):
+            for i in range(3):
+                body = b'{"a": 1}' * (i + 1)
+                async with await up.request("POST", str(base), "/echo", body, {
+                        "Content-Type": "application/json", "X-Request-Id": "r1"}) as r:
+                    assert r.status == 200
+                    assert r.content_type == "application/json"
+                    assert await r.json() == {"len": len(body), "ct": "application/json",
+                                                   "rid": "r1"}
+            assert len(up._idle[str(base)]) == 1  # one connection, reused
+
+
+async def test_chunked_stream_in_order(server: dict[str, object]) -> None:
+    async with Upstream() as up:
+        async with await up.request("GET", str(server["tcp"]), "/stream?n=50&size=3") as r:
+            assert r.headers["transfer-encoding"].lower() == "chunked"
+            data = b"".join([c async for c in r.iter_chunks()])
+        assert data == b"".join(f"data: {i}\n\n".encode() + b"xxx" for i in range(50))
+        # read to its end: back in the pool, and the next request on it works
+        assert len(up._idle[str(server["tcp"])]) == 1
+        async with await up.request("POST", str(server["tcp"]), "/echo", b"x") as r:
+            assert (await r.json())["len"] == 1
+
+
+async def test_large_body_with_backpressure(server: dict[str, object]) -> None:
+    size = 8 * BUFFER_HIGH
+    url = str(server["tcp"])
+    async with Upstream() as up, await up.request("GET", url, f"/stream?n=1&size={size}") as r:
+        got = 0
+        async for chunk in r.iter_chunks():
+            got += len(chunk)
+            await asyncio.sleep(0)  # a slow reader
+        assert got == size + len(b"data: 0\n\n")
+
+
+async def test_stale_pooled_connection_is_retried_once(server: dict[str, object]) -> None:
+    async with Upstream() as up:
+        async with await up.request("POST", str(server["tcp"]), "/echo", b"1") as r:
+            await r.read()
+        conn = up._idle[str(server["tcp"])][0]
+        deadline = asyncio.get_running_loop().time() + 5
+        while conn.usable:  # the server closes it after its 0.3 s keep-alive
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+        async with await up.request("POST", str(server["tcp"]), "/echo", b"22") as r:
+            assert (await r.json())["len"] == 2
+    assert server["bodies"] == [b"1", b"22"]  # sent once each
+
+
+async def test_unreachable_and_refused() -> None:
+    async with Upstream(connect_timeout_s=2) as up:
+        with pytest.raises(UpstreamError, match="cannot connect"):
+            await up.request("POST", "http://127.0.0.1:1", "/x")
+        with pytest.raises(UpstreamError, match="cannot connect"):
+            await up.request("POST", "unix:/nonexistent/socket", "/x")
+        with pytest.raises(UpstreamError, match="ssl context"):
+            await up.request("POST", "https://127.0.0.1:1", "/x")
+
+
+async def test_cancel_mid_stream_closes_the_connection(server: dict[str, object]) -> None:
+    async with Upstream() as up:
+        r = await up.request("GET", str(server["tcp"]), "/slow")
+        async for chunk in r.iter_chunks():
+            assert chunk == b"first"
+            break
+        r.release()  # body not read to its end: closed, not pooled
+        assert not up._idle.get(str(server["tcp"]))
+        async with asyncio.timeout(5):
+            await server["cancelled"].wait()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("answer, match", [
+    (b"garbage\r\n\r\n", "not an HTTP"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", "malformed"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", "closed"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "chunk size"),
+    (b"HTTP/1.1 200 OK\r\n" + b"X: " + b"y" * 70000, "head over"),
+    (b"", "without answering"),
+])
+async def test_misbehaving_server(answer: bytes, match: str) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    try:
+        async with Upstream() as up:
+            with pytest.raises(UpstreamError, match=match):
+                async with await up.request("POST", f"http://127.0.0.1:{port}", "/x") as r:
+                    await r.read()
+            assert not up._idle.get(f"http://127.0.0.1:{port}")
+    finally:
+        srv.close()
+        await srv.wait_closed()
+
+
+async def test_read_until_close_framing() -> None:
+    payload = os.urandom(5000)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: application/octet-stream\r\n\r\n"
+                     + payload)
+        await writer.drain()
+        writer.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    try:
+        async with Upstream() as up:
+            async with await up.request("GET", f"http://127.0.0.1:{port}", "/") as r:
+                assert await r.read() == payload
+            assert not up._idle.get(f"http://127.0.0.1:{port}")  # not reusable
+    finally:
+        srv.close()
+        await srv.wait_closed()
+
+
+async def test_https_with_the_given_context(tmp_path: Path) -> None:
+    import datetime
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]), False)
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "k.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
+    client_ctx = ssl.create_default_context(cafile=str(tmp_path / "c.pem"))
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="over tls")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ctx).start()
+    base = f"https://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        async with Upstream(ssl_context=client_ctx) as up, \
+                await up.request("GET", base, "/") as r:
+            assert r.ssl_object is not None
+            assert r.ssl_object.getpeercert(binary_form=True) == cert.public_bytes(
+                serialization.Encoding.DER)
+            assert await r.read() == b"over tls"
+        async with Upstream(ssl_context=ssl.create_default_context()) as up:  # untrusted
+            with pytest.raises(UpstreamError, match="cannot connect"):
+                await up.request("GET", base, "/")
+    finally:
+        await runner.cleanup()
