@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
-
-import json
+import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,6 +32,23 @@ needs_llama = pytest.mark.skipif(
 def get_json(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=30) as resp:
         return json.loads(resp.read())
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str,
+             interval_s: float = 0.05) -> Any:
+    """Poll `predicate` until it returns something truthy, and return that. A node not yet
+    answering (connection refused, HTTP error, a key not there yet) counts as "not yet".
+    TimeoutError(what) after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except (OSError, urllib.error.URLError, KeyError):
+            value = None
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise TimeoutError(what)
 
 
 class NodeProcess:

@@ -14,14 +14,11 @@ which aiohttp caches, so the handler reads the same bytes again.
 
 from __future__ import annotations
 
-import functools
-import ipaddress
-
 import msgspec
 import structlog
 from aiohttp import web
 
-from meshnode.node import ApiKey, NodeConfig
+from meshnode.node import ApiKey, NodeConfig, is_loopback
 
 from .errors import Handler, error_response
 from .keys import NODE
@@ -43,21 +40,11 @@ class _Model(msgspec.Struct):
 _model_decoder = msgspec.json.Decoder(_Model)
 
 
-@functools.cache  # asked on every request, about the few addresses a node binds
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def keys_required(config: NodeConfig) -> bool:
     """See NodeConfig.api_keys."""
     if config.api_keys != "auto":
         return config.api_keys == "required"
-    return bool(config.ca_cert) or (not _is_loopback(config.host) and not config.insecure)
+    return bool(config.ca_cert) or (not is_loopback(config.host) and not config.insecure)
 
 
 def _unauthorized(message: str) -> web.Response:

@@ -19,7 +19,7 @@ from .keys import INTERNAL_KEYS_PATH, ApiKey, CreateKeyRequest, KeyStore, KeyTab
 from .node import DeploymentView, Node, NodeState, Target
 from .replicas import Replica, ReplicaStatus
 from .router import Router, request_key
-from .security import INTERNAL_REVOCATION_PATH, ClusterSecurity, load_security
+from .security import INTERNAL_REVOCATION_PATH, ClusterSecurity, is_loopback, load_security
 from .sync import INTERNAL_DEPLOYMENTS_PATH, response_ssl_object
 
 __all__ = [
@@ -55,6 +55,7 @@ __all__ = [
     "Target",
     "default_data_dir",
     "find_spec",
+    "is_loopback",
     "load_config",
     "load_security",
     "response_ssl_object",

@@ -16,6 +16,7 @@ require a certificate from its CA on both ends; no code path of it accepts a pla
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import ssl
 from collections.abc import Callable
@@ -58,7 +59,8 @@ from meshnode.mesh.tls import check_peer, client_context, server_context
 from .config import NodeConfig
 from .errors import ConfigError
 
-__all__ = ["INTERNAL_REVOCATION_PATH", "ClusterSecurity", "check_open_binding", "load_identity",
+__all__ = ["INTERNAL_REVOCATION_PATH", "ClusterSecurity", "check_open_binding", "is_loopback",
+           "load_identity",
            "load_security"]
 
 log = structlog.get_logger("meshnode.node")
@@ -67,7 +69,10 @@ _PEER_CACHE_MAX = 1024
 INTERNAL_REVOCATION_PATH = "/internal/v1/revocation"
 
 
-def _is_loopback(host: str) -> bool:
+@functools.cache  # also asked on every API request (http/auth.py), about a few addresses
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach (a host name is not: it may resolve
+    anywhere)."""
     if host == "localhost":
         return True
     try:
@@ -81,7 +86,7 @@ def check_open_binding(config: NodeConfig) -> None:
     if config.ca_cert or config.insecure:
         return
     exposed = [h for h in dict.fromkeys((config.host, config.bind or config.host))
-               if not _is_loopback(h)]
+               if not is_loopback(h)]
     if exposed:
         raise ConfigError(
             f"refusing to start an open node on {', '.join(exposed)}: without a cluster "

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import NodeProcess, get_json, needs_llama
-from test_routing import alive, call, chat_body, wait_for
+from conftest import NodeProcess, get_json, needs_llama, wait_for
+from test_routing import alive, call, chat_body
 
 from meshnode.mesh.hashing import rendezvous_top
 

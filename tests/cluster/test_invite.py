@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import NodeProcess
+from conftest import NodeProcess, wait_for
 
 from meshnode.mesh.certs import load_ca
 from meshnode.mesh.certverify import verify_node_cert
@@ -46,14 +46,6 @@ def get(url: str, key: str) -> tuple[int, dict]:
     except OSError:
         return 0, {}
 
-
-def wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise TimeoutError(what)
 
 
 @pytest.fixture

@@ -7,12 +7,11 @@ import contextlib
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import pytest
-
 import netns
+import pytest
+from conftest import wait_for
 
 pytestmark = [pytest.mark.cluster,
               pytest.mark.skipif(netns.available() is not None, reason=str(netns.available()))]
@@ -28,14 +27,6 @@ def members(net: netns.Net, host: int) -> dict[str, dict]:
         return {}
     return {m["name"]: m for m in json.loads(out.stdout)}
 
-
-def wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise TimeoutError(what)
 
 
 def test_mdns_discovery_partition_and_heal(tmp_path: Path) -> None:

@@ -12,34 +12,20 @@ import asyncio
 import json
 import math
 import signal
-import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import openai
 import pytest
-from conftest import NodeProcess, get_json, needs_llama
+from conftest import NodeProcess, get_json, needs_llama, wait_for
 
 CHAT = "smollm2-135m-instruct"
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, needs_llama]
 
-
-def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-        except (OSError, urllib.error.URLError, KeyError):
-            value = None
-        if value:
-            return value
-        time.sleep(0.1)
-    raise TimeoutError(what)
 
 
 def call(url: str, method: str = "GET", body: dict | None = None

@@ -21,12 +21,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import NodeProcess, get_json, needs_llama
+from conftest import NodeProcess, get_json, needs_llama, wait_for
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
@@ -41,18 +40,6 @@ CHAT = "smollm2-135m-instruct"
 pytestmark = [pytest.mark.cluster]
 ENV = {"MESHNODE_API_KEYS": "off"}  # API keys are another test's business
 
-
-def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-        except (OSError, urllib.error.URLError, KeyError):
-            value = None
-        if value:
-            return value
-        time.sleep(0.1)
-    raise TimeoutError(what)
 
 
 def call(url: str, method: str = "GET", body: bytes | None = None,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from conftest import (
     get_json,
     openai_client,
     pid_alive,
+    wait_for,
 )
 
 from meshnode.engines.external import private_tmp_dir
@@ -72,15 +72,6 @@ def group(pgid: int) -> list[int]:
             if fields[0] != "Z" and int(fields[2]) == pgid:
                 pids.append(int(entry))
     return pids
-
-
-def wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise TimeoutError(what)
 
 
 @pytest.fixture(scope="module")
