@@ -60,8 +60,7 @@ from .config import NodeConfig
 from .errors import ConfigError
 
 __all__ = ["INTERNAL_REVOCATION_PATH", "ClusterSecurity", "check_open_binding", "is_loopback",
-           "load_identity",
-           "load_security"]
+           "load_identity", "load_security"]
 
 log = structlog.get_logger("meshnode.node")
 
