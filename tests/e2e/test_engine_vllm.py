@@ -188,6 +188,20 @@ def api_server(members: list[int]) -> int:
     raise AssertionError(f"no vLLM API server among {members}")
 
 
+def test_response_format_json_schema_passes_through(client: openai.OpenAI) -> None:
+    # vLLM's own server honours response_format (guided decoding): the node forwards it as is.
+    schema = {"type": "object", "properties": {"city": {"type": "string",
+                                                        "enum": ["Paris", "London"]},
+                                               "country": {"type": "string", "maxLength": 30}},
+              "required": ["city", "country"], "additionalProperties": False}
+    reply = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "Capital of France, as JSON?"}],
+        max_tokens=60, temperature=0,
+        response_format={"type": "json_schema",  # type: ignore[arg-type]
+                         "json_schema": {"name": "city", "schema": schema, "strict": True}})
+    jsonschema.validate(json.loads(reply.choices[0].message.content or ""), schema)
+
+
 def test_killed_server_is_restarted(vllm_node: NodeProcess, client: openai.OpenAI) -> None:
     pid = vllm_node.engine_pids()[NAME]  # the launcher, which leads the group
     before = group(pid)
@@ -215,17 +229,3 @@ def test_stop_leaves_no_process_socket_or_temp_files(vllm_node: NodeProcess) -> 
     assert not sockets[0].exists()
     assert not Path(private_tmp_dir(str(sockets[0]))).exists()
     assert not list(sockets[0].parent.iterdir())  # nothing else left in the run dir
-
-
-def test_response_format_json_schema_passes_through(client: openai.OpenAI) -> None:
-    # vLLM's own server honours response_format (guided decoding): the node forwards it as is.
-    schema = {"type": "object", "properties": {"city": {"type": "string",
-                                                        "enum": ["Paris", "London"]},
-                                               "country": {"type": "string", "maxLength": 30}},
-              "required": ["city", "country"], "additionalProperties": False}
-    reply = client.chat.completions.create(
-        model=NAME, messages=[{"role": "user", "content": "Capital of France, as JSON?"}],
-        max_tokens=60, temperature=0,
-        response_format={"type": "json_schema",  # type: ignore[arg-type]
-                         "json_schema": {"name": "city", "schema": schema, "strict": True}})
-    jsonschema.validate(json.loads(reply.choices[0].message.content or ""), schema)
