@@ -37,29 +37,13 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from conftest import NodeProcess, get_json
+from routing import MODEL, one, pct  # same request and percentile as bench/routing.py
 
 from meshnode.mesh.certs import init_ca, issue_node_cert
 from meshnode.mesh.certverify import certificate_pem
 from meshnode.mesh.identity import NodeIdentity
 
-MODEL = "smollm2-135m-instruct"
-BODY = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 1,
-        "temperature": 0.0}
 ENV = {"MESHNODE_API_KEYS": "off"}
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
-
-
-async def one(session: aiohttp.ClientSession, url: str) -> tuple[float, str]:
-    start = time.perf_counter()
-    async with session.post(url + "/v1/completions", json=BODY) as resp:
-        body = await resp.read()
-        assert resp.status == 200, (url, resp.status, body[:300])
-        served = resp.headers.get("X-Served-By", "")
-    return (time.perf_counter() - start) * 1000, served
 
 
 async def measure(paths: dict[str, tuple[str, str]], rounds: int) -> dict[str, list[float]]:
