@@ -182,6 +182,28 @@ def openai_client(url: str):
     return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
 
 
+@pytest.fixture
+def client(node: NodeProcess) -> Iterator[Any]:
+    """The official openai client against the `node` in scope (a module may define its own
+    `node` fixture: this client follows it)."""
+    with openai_client(node.url) as c:
+        yield c
+
+
+def seed_converted(data: Path, cache: Path) -> None:
+    """Convert SmolLM2's GGUF to safetensors once into `cache` (shared by the tests that
+    need it) and give the node at `data` a hard-linked copy: its engine finds the folder
+    already converted and skips the slow conversion."""
+    import shutil
+
+    from meshnode.engines.convert import ensure_safetensors
+    from meshnode.node import CATALOGUE, locate
+
+    gguf = locate(CATALOGUE["smollm2-135m-instruct"], data)
+    folder = ensure_safetensors(str(gguf), str(cache))
+    shutil.copytree(folder, data / "converted" / os.path.basename(folder), copy_function=os.link)
+
+
 def completion_chunk_as_spec(chunk: dict) -> dict:
     """A completions stream chunk in the shape the spec's CreateCompletionResponse checks.
 

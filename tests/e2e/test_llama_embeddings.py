@@ -26,7 +26,7 @@ from typing import Any
 
 import openai
 import pytest
-from conftest import NodeProcess, OpenAISpec, get_json, openai_client
+from conftest import NodeProcess, OpenAISpec, get_json
 
 EMBED = "smol-embed"
 POOLED = "smol-last"
@@ -105,12 +105,6 @@ def node(tmp_path_factory: pytest.TempPathFactory, pooled_gguf: Path) -> Iterato
         yield n
     finally:
         n.stop()
-
-
-@pytest.fixture
-def client(node: NodeProcess) -> Iterator[openai.OpenAI]:
-    with openai_client(node.url) as c:
-        yield c
 
 
 def _reference(path: Path, pooling: int | None) -> Any:

@@ -3,25 +3,16 @@ every response and stream chunk validated against OpenAI's published schemas."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import json
 
 import aiohttp
 import openai
 import pytest
-
-from conftest import NodeProcess, OpenAISpec, completion_chunk_as_spec, openai_client
+from conftest import NodeProcess, OpenAISpec, completion_chunk_as_spec
 
 CHAT = "smollm2-135m-instruct"
 BASE = "gemma-3-270m"
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def client(node: NodeProcess) -> Iterator[openai.OpenAI]:
-    with openai_client(node.url) as c:
-        yield c
 
 
 def test_chat_completion(client: openai.OpenAI, openai_spec: OpenAISpec) -> None:
@@ -134,7 +125,6 @@ def test_completions_stream(client: openai.OpenAI, openai_spec: OpenAISpec) -> N
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 10
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
     assert len({c["id"] for c in chunks}) == 1
-
 
 
 def test_completions_token_ids_and_batch(client: openai.OpenAI) -> None:

