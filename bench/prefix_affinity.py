@@ -8,20 +8,36 @@ Three real nodes on loopback, each holding one replica of two deployments of Smo
           hop header makes a node serve a request itself)
 
 Both get the same seeded workload at the same time (same concurrency), so they share the
-machine's noise. A workload is `--prompts` long system prompts, each followed by a short
-user question, in random order. llama.cpp keeps one KV context per replica and reuses its
-longest matching prefix; each answer reports it as usage.prompt_tokens_details.cached_tokens.
+machine's noise. Two workloads:
+
+    --turns 1  (single-turn) `--requests` independent requests: one of `--prompts` long
+               system prompts and a short user question, in random order, `--concurrency`
+               in flight per router.
+    --turns T  (multi-turn) `--conversations` chats, each opening with one of the system
+               prompts and a first question; every later turn appends the assistant's actual
+               answer (up to `--answer-tokens`) and a new question. A chat's turns are
+               sequential; `--concurrency` chats run at once per router. The routing key
+               (system prompt + first user message, first 256 bytes) is the same for every
+               turn, so the ring keeps a chat on one replica; round-robin sends each request
+               to the next holder in turn.
+
+llama.cpp reuses the longest matching prefix of the context's live tokens or, with the
+multi-prefix prompt cache (`--prompt-cache-mb` on the nodes, default 256; 0 = off), of any
+saved state; each answer reports it as usage.prompt_tokens_details.cached_tokens.
 
     hit rate   = sum(cached_tokens) / sum(prompt_tokens)
     ttft p50   = median time to the first streamed token
     max/mean   = the busiest replica's share of requests over the mean share
 
     python bench/prefix_affinity.py [--requests 60] [--prompts 3] [--concurrency 3]
+    python bench/prefix_affinity.py --turns 4 [--conversations 9] [--answer-tokens 24]
+    python bench/prefix_affinity.py ... --prompt-cache-mb 0     # the nodes' cache off
 
-Target (issue 4): hit rate >= 3.8x round-robin's, max/mean <= 1.25. With R replicas and a
-uniform random workload over P prompts, round-robin hits about 1/P and affinity at best 1
-(each replica one prompt when P <= R): the ratio cannot exceed R (here 3) in steady state,
-whatever the router. The benchmark prints that bound next to the measured ratio.
+Target (issue 4): hit rate >= 3.8x round-robin's, max/mean <= 1.25. Single-turn: with R
+replicas and a uniform random workload over P prompts, round-robin hits about 1/P and
+affinity at best 1 (each replica one prompt when P <= R); with K-entry caches round-robin
+hits K/P and affinity needs K >= P/R: the ratio cannot exceed R (here 3) in steady state,
+whatever the router or the cache. The benchmark prints that bound next to the measured ratio.
 """
 
 from __future__ import annotations
@@ -54,21 +70,31 @@ QUESTIONS = ["Where do I start?", "What should I buy first?", "What is a common 
              "What do experts disagree on?"]
 
 
-def system_prompt(i: int) -> str:
-    """Long and different from its first token, so prompts share no prefix but the template."""
+def system_prompt(i: int, rules_n: int = 12) -> str:
+    """Different from its first token, so prompts share no prefix but the template; about
+    30 tokens plus 33 per rule (12 rules: ~420 tokens)."""
     topic = TOPICS[i % len(TOPICS)]
     rules = " ".join(f"Rule {k}: when asked about {topic}, answer in at most {k + 2} short "
-                     f"sentences and mention one {topic} fact." for k in range(12))
-    return f"{topic.upper()} GUIDE {i}. You are an expert in {topic}. {rules}"
+                     f"sentences and mention one {topic} fact." for k in range(rules_n))
+    return f"{topic.upper()} GUIDE {i}. You are an expert in {topic}. {rules}".rstrip()
 
 
-def workload(n: int, prompts: int, seed: int) -> list[dict]:
+def conversations(n: int, prompts: int, turns: int, seed: int,
+                  rules_n: int = 12) -> list[tuple[str, list[str]]]:
+    """(system prompt, questions) per chat: chat c uses prompt c % prompts."""
+    rng = random.Random(seed)
+    return [(system_prompt(c % prompts, rules_n),
+             [f"{rng.choice(QUESTIONS)} (chat {c}, turn {t})" for t in range(turns)])
+            for c in range(n)]
+
+
+def workload(n: int, prompts: int, seed: int, rules_n: int = 12) -> list[dict]:
     rng = random.Random(seed)
     out = []
     for j in range(n):
         p = rng.randrange(prompts)
         out.append({"messages": [
-            {"role": "system", "content": system_prompt(p)},
+            {"role": "system", "content": system_prompt(p, rules_n)},
             {"role": "user", "content": f"{rng.choice(QUESTIONS)} (#{j})"}],
             "max_tokens": 2, "temperature": 0.0, "stream": True,
             "stream_options": {"include_usage": True}})
@@ -76,11 +102,13 @@ def workload(n: int, prompts: int, seed: int) -> list[dict]:
 
 
 async def one(session: aiohttp.ClientSession, url: str, body: dict,
-              hop: bool) -> tuple[float, dict, str]:
+              hop: bool) -> tuple[float, dict, str, str]:
+    """(ttft ms, usage, serving node, answer text) of one streamed chat request."""
     headers = {"X-Meshnode-Hop": "1"} if hop else {}
     start = time.perf_counter()
     ttft = None
     usage: dict = {}
+    text: list[str] = []
     async with session.post(url + "/v1/chat/completions", json=body, headers=headers) as resp:
         assert resp.status == 200, await resp.text()
         served = resp.headers["X-Served-By"]
@@ -90,37 +118,95 @@ async def one(session: aiohttp.ClientSession, url: str, body: dict,
             event = json.loads(line[6:])
             if ttft is None and event.get("choices"):
                 ttft = time.perf_counter() - start
+            for choice in event.get("choices") or ():
+                text.append((choice.get("delta") or {}).get("content") or "")
             if event.get("usage"):
                 usage = event["usage"]
-    return (ttft if ttft is not None else time.perf_counter() - start) * 1000, usage, served
+    return ((ttft if ttft is not None else time.perf_counter() - start) * 1000, usage, served,
+            "".join(text))
+
+
+class Tally:
+    """One router's measurements; `entry()` gives the node the next request enters at (in
+    turn: round-robin over the holders for `rr`, over the entry nodes for `aff`)."""
+
+    def __init__(self, entries: list[str]) -> None:
+        self.entries = entries
+        self.sent = 0
+        self.ttfts: list[float] = []
+        self.prompt = self.cached = 0
+        self.served: Counter[str] = Counter()
+        self.by_turn: dict[int, list[int]] = {}  # turn -> [cached, prompt] tokens
+
+    def entry(self) -> str:
+        self.sent += 1
+        return self.entries[(self.sent - 1) % len(self.entries)]
+
+    def add(self, ms: float, usage: dict, by: str, turn: int = 0) -> None:
+        prompt = usage.get("prompt_tokens", 0)
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+        self.ttfts.append(ms)
+        self.prompt += prompt
+        self.cached += cached
+        self.served[by] += 1
+        counts = self.by_turn.setdefault(turn, [0, 0])
+        counts[0] += cached
+        counts[1] += prompt
+
+    def summary(self) -> dict:
+        mean = len(self.ttfts) / 3
+        return {"hit_rate": round(self.cached / self.prompt, 3) if self.prompt else 0.0,
+                "ttft_p50_ms": round(statistics.median(self.ttfts), 1),
+                "max_over_mean": round(max(self.served.values()) / mean, 2),
+                "served": dict(self.served),
+                "hit_rate_by_turn": [round(c / p, 3) if p else 0.0
+                                     for _, (c, p) in sorted(self.by_turn.items())]}
 
 
 async def run(name: str, entries: list[str], hop: bool, reqs: list[dict],
               concurrency: int) -> dict:
-    queue: asyncio.Queue[tuple[int, dict]] = asyncio.Queue()
-    for i, body in enumerate(reqs):
-        queue.put_nowait((i, {**body, "model": name}))
-    ttfts: list[float] = []
-    prompt = cached = 0
-    served: Counter[str] = Counter()
+    queue: asyncio.Queue[dict] = asyncio.Queue()
+    for body in reqs:
+        queue.put_nowait({**body, "model": name})
+    tally = Tally(entries)
 
     async def worker(session: aiohttp.ClientSession) -> None:
-        nonlocal prompt, cached
         while not queue.empty():
-            i, body = queue.get_nowait()
-            ms, usage, by = await one(session, entries[i % len(entries)], body, hop)
-            ttfts.append(ms)
-            prompt += usage.get("prompt_tokens", 0)
-            cached += (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
-            served[by] += 1
+            body = queue.get_nowait()
+            ms, usage, by, _ = await one(session, tally.entry(), body, hop)
+            tally.add(ms, usage, by)
 
     async with aiohttp.ClientSession() as session:
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
-    mean = len(reqs) / 3
-    return {"hit_rate": round(cached / prompt, 3) if prompt else 0.0,
-            "ttft_p50_ms": round(statistics.median(ttfts), 1),
-            "max_over_mean": round(max(served.values()) / mean, 2),
-            "served": dict(served)}
+    return tally.summary()
+
+
+async def run_chats(name: str, entries: list[str], hop: bool,
+                    chats: list[tuple[str, list[str]]], answer_tokens: int,
+                    concurrency: int) -> dict:
+    """Each chat's turns in order, each turn carrying the earlier answers; `concurrency`
+    chats at once."""
+    queue: asyncio.Queue[tuple[str, list[str]]] = asyncio.Queue()
+    for chat in chats:
+        queue.put_nowait(chat)
+    tally = Tally(entries)
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        while not queue.empty():
+            system, questions = queue.get_nowait()
+            messages = [{"role": "system", "content": system}]
+            for turn, question in enumerate(questions):
+                messages.append({"role": "user", "content": question})
+                body = {"model": name, "messages": list(messages), "max_tokens": answer_tokens,
+                        "temperature": 0.0, "stream": True,
+                        "stream_options": {"include_usage": True}}
+                ms, usage, by, answer = await one(session, tally.entry(), body, hop)
+                tally.add(ms, usage, by, turn)
+                messages.append({"role": "assistant", "content": answer})
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+    return tally.summary()
 
 
 def main() -> None:
@@ -129,16 +215,35 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--turns", type=int, default=1,
+                        help="1 = single-turn requests; T > 1 = chats of T turns")
+    parser.add_argument("--conversations", type=int, default=9, help="chats (turns > 1)")
+    parser.add_argument("--answer-tokens", type=int, default=24,
+                        help="max_tokens of each answer in a chat (turns > 1)")
+    parser.add_argument("--system-rules", type=int, default=12,
+                        help="length of the system prompts, in rules of ~33 tokens (0: short)")
+    parser.add_argument("--prompt-cache-mb", type=int, default=None,
+                        help="the nodes' --prompt-cache-mb (default: theirs, 256; 0 = off)")
     args = parser.parse_args()
+    if min(args.turns, args.conversations, args.answer_tokens, args.requests,
+           args.prompts, args.concurrency) < 1:
+        parser.error("--turns, --conversations, --answer-tokens, --requests, --prompts and "
+                     "--concurrency must be >= 1")
+    if args.system_rules < 0:
+        parser.error("--system-rules must be >= 0")
+    if args.prompt_cache_mb is not None and args.prompt_cache_mb < 0:
+        parser.error("--prompt-cache-mb must be >= 0 (0 turns the cache off)")
     tmp = Path(tempfile.mkdtemp(prefix="meshnode-bench-"))
     env = {"MESHNODE_ENGINE_THREADS": "1"}  # six engines on this machine
+    flags = ("--name", "--mesh-preset", "local", "--no-mdns")
+    if args.prompt_cache_mb is not None:
+        flags += ("--prompt-cache-mb", str(args.prompt_cache_mb))
     nodes: list[NodeProcess] = []
     try:
-        nodes.append(NodeProcess(tmp / "a", "--name", "a", "--mesh-preset", "local",
-                                 "--no-mdns", env=env))
+        nodes.append(NodeProcess(tmp / "a", *flags[:1], "a", *flags[1:], env=env))
         for n in ("b", "c"):
-            nodes.append(NodeProcess(tmp / n, "--name", n, "--mesh-preset", "local",
-                                     "--no-mdns", "--join", nodes[0].gossip, env=env))
+            nodes.append(NodeProcess(tmp / n, *flags[:1], n, *flags[1:],
+                                     "--join", nodes[0].gossip, env=env))
         deadline = time.monotonic() + 30
         while len(get_json(nodes[0].url + "/v1/cluster/nodes")["data"]) < 3:
             assert time.monotonic() < deadline, "nodes did not join"
@@ -150,25 +255,47 @@ def main() -> None:
                 headers={"Content-Type": "application/json"}), timeout=60).read()
         for n in nodes:
             n.wait_ready("aff", "rr", timeout_s=600)
-        reqs = workload(args.requests, args.prompts, args.seed)
         urls = [n.url for n in nodes]
-        print(f"seed {args.seed}: {args.requests} requests over {args.prompts} system prompts,"
-              f" concurrency {args.concurrency} per router", file=sys.stderr)
+        cache = "node default" if args.prompt_cache_mb is None else args.prompt_cache_mb
+        started = time.monotonic()
+        if args.turns == 1:
+            reqs = workload(args.requests, args.prompts, args.seed, args.system_rules)
+            print(f"seed {args.seed}: {args.requests} single-turn requests over {args.prompts}"
+                  f" system prompts, concurrency {args.concurrency} per router, prompt cache"
+                  f" {cache} MiB", file=sys.stderr)
 
-        async def both() -> list[dict]:
-            return await asyncio.gather(run("aff", urls, False, reqs, args.concurrency),
-                                        run("rr", urls, True, reqs, args.concurrency))
+            async def both() -> list[dict]:
+                return await asyncio.gather(run("aff", urls, False, reqs, args.concurrency),
+                                            run("rr", urls, True, reqs, args.concurrency))
+        else:
+            chats = conversations(args.conversations, args.prompts, args.turns, args.seed,
+                                  args.system_rules)
+            print(f"seed {args.seed}: {args.conversations} chats of {args.turns} turns over "
+                  f"{args.prompts} system prompts, answers <= {args.answer_tokens} tokens, "
+                  f"{args.concurrency} chats at once per router, prompt cache {cache} MiB",
+                  file=sys.stderr)
+
+            async def both() -> list[dict]:
+                return await asyncio.gather(
+                    run_chats("aff", urls, False, chats, args.answer_tokens, args.concurrency),
+                    run_chats("rr", urls, True, chats, args.answer_tokens, args.concurrency))
 
         aff, rr = asyncio.run(both())
+        elapsed = time.monotonic() - started
     finally:
         for n in nodes:
             n.stop(signal.SIGKILL)
         shutil.rmtree(tmp, ignore_errors=True)
 
     ratio = aff["hit_rate"] / rr["hit_rate"] if rr["hit_rate"] else float("inf")
-    result = {"bench": "prefix_affinity", "requests": args.requests, "prompts": args.prompts,
-              "concurrency": args.concurrency, "seed": args.seed, "affinity": aff,
-              "round_robin": rr, "hit_rate_ratio": round(ratio, 2),
+    result = {"bench": "prefix_affinity", "turns": args.turns,
+              "requests": args.requests if args.turns == 1 else args.conversations * args.turns,
+              "conversations": args.conversations if args.turns > 1 else None,
+              "prompts": args.prompts, "system_rules": args.system_rules,
+              "answer_tokens": args.answer_tokens if args.turns > 1 else None,
+              "concurrency": args.concurrency, "seed": args.seed,
+              "prompt_cache_mb": args.prompt_cache_mb, "workload_s": round(elapsed, 1),
+              "affinity": aff, "round_robin": rr, "hit_rate_ratio": round(ratio, 2),
               "ttft_p50_ratio": round(aff["ttft_p50_ms"] / rr["ttft_p50_ms"], 2),
               "ratio_bound": min(3, args.prompts)}
     print(json.dumps(result))
@@ -176,9 +303,13 @@ def main() -> None:
     for label, r in (("affinity", aff), ("round-robin", rr)):
         print(f"{label:12} {r['hit_rate']:>9} {r['ttft_p50_ms']:>12} {r['max_over_mean']:>9}"
               f"  {r['served']}")
-    print(f"\nhit rate ratio {result['hit_rate_ratio']}x (target >= 3.8x; bound for this "
-          f"workload {result['ratio_bound']}x), ttft ratio {result['ttft_p50_ratio']}x, "
-          f"affinity max/mean {aff['max_over_mean']} (target <= 1.25)")
+    if args.turns > 1:
+        print(f"hit rate by turn: affinity {aff['hit_rate_by_turn']}, "
+              f"round-robin {rr['hit_rate_by_turn']}")
+    print(f"\nhit rate ratio {result['hit_rate_ratio']}x (target >= 3.8x; bound for "
+          f"single-turn requests {result['ratio_bound']}x), ttft ratio "
+          f"{result['ttft_p50_ratio']}x, affinity max/mean {aff['max_over_mean']} "
+          f"(target <= 1.25)")
 
 
 if __name__ == "__main__":

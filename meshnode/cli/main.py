@@ -36,6 +36,7 @@ def _start(args: argparse.Namespace) -> int:
              "insecure": True if args.insecure else None, "internal_port": args.internal_port}
     flags.update({"api_keys": args.api_keys, "ca_dir": args.ca_dir,
                   "invite_port": args.invite_port})
+    flags["prompt_cache_mb"] = args.prompt_cache_mb
     try:
         config = load_config(flags, config_file=args.config)
     except ConfigError as exc:
@@ -216,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(passphrase from MESHNODE_CA_PASSPHRASE)")
     p.add_argument("--invite-port", type=int, help="TLS port of invite redemption (default "
                                                    "7703)")
+    p.add_argument("--prompt-cache-mb", type=int, metavar="MIB",
+                   help="saved KV states per llama.cpp replica, in MiB (default 256; 0 = off)")
     p.set_defaults(func=_start)
 
     def client_parser(name: str, help_: str) -> argparse.ArgumentParser:

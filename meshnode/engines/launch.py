@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
+from msgspec import Meta
 
 __all__ = ["EngineLaunch", "ENGINE_NAMES"]
 
@@ -38,6 +41,12 @@ class EngineLaunch(msgspec.Struct, frozen=True, kw_only=True):
     """Where converted weights are cached (GGUF -> safetensors for transformers, MLX, vLLM)."""
     extra_args: tuple[str, ...] = ()
     """Extra command-line arguments for engines that run their own server (vLLM, SGLang)."""
+    prompt_cache_mb: Annotated[int, Meta(ge=0)] = 256
+    """llama.cpp: MiB of saved KV states per replica (a multi-prefix prompt cache), so prompts
+    that share a prefix with any recent request (several system prompts, several
+    conversations) skip re-evaluating it; 0 disables it. SmolLM2-135M takes ~22 KiB a token
+    (256 MiB ~ 11,000 tokens); bigger models more. Costs RAM in the engine process, and a
+    copy of ~0.4 ms per MiB at each save and restore."""
 
     def to_json(self) -> str:
         return msgspec.json.encode(self).decode()

@@ -4,23 +4,32 @@
 `Llama.generate` token by token (rather than `create_completion`) so that token counts are
 exact, cancellation is checked between tokens, and stop sequences are matched on decoded
 text. `Llama.generate` reuses the longest matching prefix of the previous prompt's KV cache,
-which is what prefix-affine routing counts on.
+which is what prefix-affine routing counts on. A multi-prefix prompt cache (prompt_cache.py)
+keeps the KV states of recent requests besides the live one: before a request, the saved state
+sharing the longest prefix with the prompt is restored into the context when it beats what the
+context holds (llama.cpp's per-sequence state API, sequence 0; not `Llama.save_state`, which
+copies the whole n_batch x n_vocab scores array); after it, the context's state is saved.
 """
 
 from __future__ import annotations
 
 import codecs
+import ctypes
 import functools
 import json
 import os
 import random
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
+
+import structlog
 
 from .base import EngineInfo, Finish, Prompt, completion_budget
 from .errors import EngineFailed, InvalidRequest
 from .launch import EngineLaunch
+from .prompt_cache import MIB, PromptCache, common_prefix
 from .schema import (
     STRUCTURED_FORMATS,
     ChatMessage,
@@ -33,6 +42,8 @@ from .similarity import cosine_scores
 from .stops import StopMatcher
 
 __all__ = ["LlamaEngine"]
+
+log = structlog.get_logger("meshnode.engines")
 
 EMBED_BATCH = 2048
 """Most tokens one embedding input may have (n_batch = n_ubatch of an embedding context)."""
@@ -67,6 +78,8 @@ class LlamaEngine:
             self._llm = self._load(launch, threads, n_batch, embedding,
                                    llama_cpp.LLAMA_POOLING_TYPE_MEAN)
         self._vocab = self._llm._model.vocab
+        # Embedding contexts decode unrelated batches: nothing to keep between requests.
+        self._cache = PromptCache.from_mb(0 if embedding else launch.prompt_cache_mb)
         template = launch.chat_template or self._llm.metadata.get("tokenizer.chat_template")
         self._formatter = None
         if template and "chat" in launch.abilities:
@@ -142,6 +155,8 @@ class LlamaEngine:
             # decode (other batch shapes), which changes sampled text: a seeded request
             # re-evaluates its whole prompt so the same seed gives the same tokens.
             self._llm.reset()
+        else:
+            self._restore(prompt.tokens)
         cached = self._reused_prefix(prompt.tokens)
         seed = params.seed if params.seed is not None else random.getrandbits(32)
         self._llm.set_seed(seed & 0xFFFFFFFF)
@@ -151,6 +166,7 @@ class LlamaEngine:
         produced = 0
         reason = "length"
         stopped_by_string = False
+        cancelled = False
         tokens = self._llm.generate(
             prompt.tokens,
             top_k=params.top_k,
@@ -165,7 +181,8 @@ class LlamaEngine:
         try:
             for token in tokens:
                 if cancel.is_set():
-                    return
+                    cancelled = True
+                    break
                 if is_eog(self._vocab, token) or token in prompt.stop_token_ids:
                     reason = "stop"
                     break
@@ -180,6 +197,9 @@ class LlamaEngine:
                     break
         finally:
             tokens.close()
+        self._save()  # not reached when decoding raised: the context may then be partial
+        if cancelled:
+            return
         if not stopped_by_string:
             tail, _ = stops.finish(decoder.decode(b"", final=True))
             if tail:
@@ -189,16 +209,68 @@ class LlamaEngine:
     def _reused_prefix(self, tokens: list[int]) -> int:
         """Prompt tokens `Llama.generate` will take from the KV cache rather than evaluate:
         the longest common prefix with what the context holds; when that is the whole prompt
-        but the context holds more, it replays the last token to get fresh logits."""
-        held = self._llm.n_tokens
-        common = 0
-        for a, b in zip(self._llm.input_ids.tolist(), tokens):
-            if a != b:
-                break
-            common += 1
-        if common == len(tokens) and held != len(tokens):
+        but the context holds more, or its logits are not live (a restored state), it replays
+        the last token to get fresh logits."""
+        llm = self._llm
+        held = llm.n_tokens
+        if held == 0:
+            return 0
+        common = common_prefix(llm.input_ids[:held].tolist(), tokens)
+        if common == len(tokens) and (held != len(tokens) or llm._requires_eval):
             return max(common - 1, 0)
         return common
+
+    def _restore(self, tokens: list[int]) -> None:
+        """Load the saved state sharing the longest prefix with `tokens` into sequence 0 if it
+        beats what the context holds. Afterwards input_ids[:n_tokens] are exactly the tokens
+        whose keys and values the context holds, and `Llama.generate` trims the rest."""
+        if not self._cache.enabled:
+            return
+        hit = self._cache.lookup(tokens, better_than=self._reused_prefix(tokens))
+        if hit is None:
+            return
+        entry, usable = hit
+        llm, lib = self._llm, self._llama_cpp
+        start = time.perf_counter()
+        read = lib.llama_state_seq_set_data(llm._ctx.ctx, entry.state, entry.size, 0)
+        if read != entry.size:
+            # The sequence is now empty or partial: start the context over.
+            log.warning("prompt_cache.restore_failed", tokens=len(entry.tokens),
+                        bytes=entry.size, read=read)
+            llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+            llm.reset()
+            return
+        n = len(entry.tokens)
+        llm.input_ids[:n] = entry.tokens
+        llm.n_tokens = n
+        llm._requires_eval = True  # a restored state carries no logits
+        log.debug("prompt_cache.restore", tokens=n, reused=usable, mib=round(entry.size / MIB, 2),
+                  ms=round((time.perf_counter() - start) * 1000, 2))
+
+    def _save(self) -> None:
+        """Save the context's state (the prompt and the tokens generated and evaluated) as the
+        most recent cache entry, unless a saved entry already holds it."""
+        llm, lib = self._llm, self._llama_cpp
+        held = llm.n_tokens
+        if not self._cache.enabled or held == 0:
+            return
+        tokens = llm.input_ids[:held].tolist()
+        if self._cache.covers(tokens):
+            return
+        ctx = llm._ctx.ctx
+        llm._ctx.kv_cache_seq_rm(-1, held, -1)  # the state holds exactly input_ids[:held]
+        size = lib.llama_state_seq_get_size(ctx, 0)
+        if size > self._cache.budget_bytes:
+            return
+        start = time.perf_counter()
+        state = (ctypes.c_uint8 * size)()
+        if lib.llama_state_seq_get_data(ctx, state, size, 0) != size:
+            log.warning("prompt_cache.save_failed", tokens=held, bytes=size)
+            return
+        self._cache.save(tokens, state, size)
+        log.debug("prompt_cache.save", tokens=held, mib=round(size / MIB, 2),
+                  ms=round((time.perf_counter() - start) * 1000, 2),
+                  entries=len(self._cache), used_mib=round(self._cache.used_bytes / MIB, 1))
 
     def _grammar(self, response_format: ResponseFormat | None) -> object | None:
         """The LlamaGrammar for a structured response_format; None for plain text.

@@ -5,6 +5,9 @@ typed AppKey; there are no globals. `serve()` runs it until SIGINT/SIGTERM, then
 accepting, gives in-flight requests `grace_s` to finish, cancels the rest and stops every
 engine process.
 
+The public port's connections start at the front (front.py): it serves inference requests
+itself and hands every other connection to the app's aiohttp server.
+
 A signed node (--ca/--cert) serves two listeners: the public API, which in a signed cluster
 neither serves `/internal` routes nor honours the hop header (a client could otherwise skip
 API keys and routing), and the node-to-node mTLS listener (internal.py) on `internal_port`.
@@ -23,9 +26,10 @@ from aiohttp import web
 
 from meshnode.node import Node, NodeConfig, load_security
 
-from . import admin_api, forward, invite_api, keys_api, openai_api, relay
+from . import admin_api, forward, invite_api, keys_api, openai_api
 from .auth import auth_middleware
 from .errors import error_middleware
+from .front import FrontSite
 from .internal import build_internal_app, is_internal
 from .keys import NODE
 from .middleware import request_id_middleware
@@ -47,7 +51,7 @@ def build_app(node: Node) -> web.Application:
             yield
 
     app.cleanup_ctx.append(node_ctx)
-    app.cleanup_ctx.append(relay.upstream_ctx)
+    app.cleanup_ctx.append(forward.upstream_ctx)
     app.cleanup_ctx.append(invite_api.invite_ctx)  # after node_ctx: needs the node's identity
     app.cleanup_ctx.append(forward.session_ctx(
         node.security.client_context() if node.security is not None else None))
@@ -94,7 +98,7 @@ async def serve(config: NodeConfig, ready: asyncio.Event | None = None) -> None:
             await internal.cleanup()
         raise
     try:
-        site = web.TCPSite(runner, config.host, config.http_port, reuse_address=True)
+        site = FrontSite(runner, config.host, config.http_port, reuse_address=True)
         await site.start()
         port = runner.addresses[0][1] if runner.addresses else config.http_port
         node.http_port = port

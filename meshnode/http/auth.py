@@ -18,12 +18,12 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from meshnode.node import ApiKey, NodeConfig, is_loopback
+from meshnode.node import ApiKey, Node, NodeConfig, is_loopback
 
 from .errors import Handler, error_response
 from .keys import NODE
 
-__all__ = ["API_KEY", "auth_middleware", "keys_required"]
+__all__ = ["API_KEY", "auth_middleware", "inference_allowed", "keys_required"]
 
 log = structlog.get_logger("meshnode.http")
 
@@ -45,6 +45,16 @@ def keys_required(config: NodeConfig) -> bool:
     if config.api_keys != "auto":
         return config.api_keys == "required"
     return bool(config.ca_cert) or (not is_loopback(config.host) and not config.insecure)
+
+
+def inference_allowed(node: Node, authorization: str | None, model: str) -> bool:
+    """Whether an Authorization header value may run inference on `model` (the front's check;
+    a False goes to the middleware, which says why)."""
+    scheme, _, presented = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not presented.strip():
+        return False
+    key = node.api_keys.authenticate(presented.strip())
+    return key is not None and (key.role == "admin" or key.allows_model(model))
 
 
 def _unauthorized(message: str) -> web.Response:

@@ -34,7 +34,7 @@ from meshnode.node import (
     NodeError,
 )
 
-__all__ = ["error_middleware", "error_response"]
+__all__ = ["error_middleware", "error_parts", "error_response", "exception_parts"]
 
 log = structlog.get_logger("meshnode.http")
 _encode = msgspec.json.Encoder().encode
@@ -44,42 +44,53 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error",
           413: "invalid_request_error", 429: "rate_limit_error"}
 
 
-def error_response(status: int, message: str, *, param: str | None = None,
-                   code: str | None = None, retry_after_s: float | None = None) -> web.Response:
+def error_parts(status: int, message: str, *, param: str | None = None,
+                code: str | None = None, retry_after_s: float | None = None
+                ) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and body of an error answer, for any server (aiohttp or the front)."""
     type_ = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     if status == 503:
         type_ = "service_unavailable"
-    headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s else None
+    headers = {"Content-Type": "application/json"}
+    if retry_after_s:
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
     body = _encode({"error": {"message": message, "type": type_, "param": param, "code": code}})
-    return web.Response(status=status, body=body, content_type="application/json",
-                        headers=headers)
+    return status, headers, body
 
 
-def _for(exc: Exception) -> web.Response:
+def error_response(status: int, message: str, *, param: str | None = None,
+                   code: str | None = None, retry_after_s: float | None = None) -> web.Response:
+    status, headers, body = error_parts(status, message, param=param, code=code,
+                                        retry_after_s=retry_after_s)
+    return web.Response(status=status, body=body, headers=headers)
+
+
+def exception_parts(exc: Exception) -> tuple[int, dict[str, str], bytes]:
+    """The error answer for one of the engines' or the node's errors; re-raises any other."""
     match exc:
         case InvalidRequest():
-            return error_response(400, str(exc), param=exc.param, code=exc.code)
+            return error_parts(400, str(exc), param=exc.param, code=exc.code)
         case ModelNotFound():
-            return error_response(404, str(exc), param=exc.param, code="model_not_found")
+            return error_parts(404, str(exc), param=exc.param, code="model_not_found")
         case InvalidDeployment():
-            return error_response(400, str(exc), param=exc.param)
+            return error_parts(400, str(exc), param=exc.param)
         case DeploymentExists():
-            return error_response(409, str(exc), param="name", code="deployment_exists")
+            return error_parts(409, str(exc), param="name", code="deployment_exists")
         case ModelFailed():
-            return error_response(503, str(exc), code="model_failed",
-                                  retry_after_s=exc.retry_after_s)
+            return error_parts(503, str(exc), code="model_failed",
+                               retry_after_s=exc.retry_after_s)
         case ModelUnavailable() | EngineUnavailable():
-            return error_response(503, str(exc), code="model_loading",
-                                  retry_after_s=exc.retry_after_s)
+            return error_parts(503, str(exc), code="model_loading",
+                               retry_after_s=exc.retry_after_s)
         case EngineFailed():
-            return error_response(503, f"{exc}: {exc.reason}", code="model_failed",
-                                  retry_after_s=30)
+            return error_parts(503, f"{exc}: {exc.reason}", code="model_failed",
+                               retry_after_s=30)
         case EngineUnsupported():
-            return error_response(400, str(exc), param="engine", code="engine_unsupported")
+            return error_parts(400, str(exc), param="engine", code="engine_unsupported")
         case EngineCrashed():
-            return error_response(502, str(exc), code="engine_crashed")
+            return error_parts(502, str(exc), code="engine_crashed")
         case ConfigError():
-            return error_response(400, str(exc))
+            return error_parts(400, str(exc))
     raise exc
 
 
@@ -91,7 +102,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except (EngineError, NodeError) as exc:
-        return _for(exc)
+        status, headers, body = exception_parts(exc)
+        return web.Response(status=status, body=body, headers=headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -20,7 +20,7 @@ from aiohttp import web
 from meshnode.mesh.crypto_errors import SecurityError
 from meshnode.node import INTERNAL_REVOCATION_PATH, Node
 
-from . import forward, openai_api, relay
+from . import forward, openai_api
 from .errors import Handler, error_middleware, error_response
 from .keys import NODE
 from .middleware import request_id_middleware
@@ -70,7 +70,7 @@ def build_internal_app(node: Node, tables: Iterable[web.RouteTableDef]) -> web.A
                           client_max_size=node.config.max_body_bytes)
     app[NODE] = node
     app[forward.HOP_MODE] = "internal"
-    app.cleanup_ctx.append(relay.upstream_ctx)  # the node itself is entered by the public app
+    app.cleanup_ctx.append(forward.upstream_ctx)  # the node itself is entered by the public app
     app.add_routes(openai_api.routes)
     app.add_routes(routes)
     for table in tables:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 
@@ -10,16 +11,27 @@ from aiohttp import web
 
 from .errors import Handler
 
-__all__ = ["REQUEST_ID", "request_id_middleware"]
+__all__ = ["REQUEST_ID", "request_id", "request_id_middleware"]
 
 REQUEST_ID = "meshnode.request_id"
 _VALID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
+_PREFIX = os.urandom(6).hex()
+_counter = itertools.count(1)
+
+
+def request_id(given: str) -> str:
+    """The client's X-Request-Id when it is a sane token, else a fresh one: this process's
+    random prefix and a counter (unique per node run, and no syscall per request)."""
+    if given and _VALID.fullmatch(given):
+        return given
+    return f"{_PREFIX}{next(_counter):08x}"
+
+
 @web.middleware
 async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    given = request.headers.get("X-Request-Id", "")
-    rid = given if _VALID.fullmatch(given) else os.urandom(12).hex()
+    rid = request_id(request.headers.get("X-Request-Id", ""))
     request[REQUEST_ID] = rid
     with structlog.contextvars.bound_contextvars(request_id=rid):
         response = await handler(request)

@@ -20,7 +20,7 @@ from meshnode.engines import (
 from meshnode.node import DeploymentView, ModelNotFound, request_key
 
 from .errors import Handler
-from .forward import dispatch
+from .forward import answer
 from .keys import NODE
 
 __all__ = ["routes"]
@@ -44,7 +44,7 @@ def _inference(path: str, schema: type, ability: str) -> Handler:
         req = decode_request(body, schema)
         if ability not in request.app[NODE].abilities(req.model):
             raise _not_served(req.model, ability)
-        return await dispatch(request, req.model, path, body, request_key(req))
+        return await answer(request, req.model, path, body, request_key(req))
     return handler
 
 

@@ -176,6 +176,12 @@ class UpstreamResponse:
             raise UpstreamError(f"upstream answered invalid JSON: {exc}") from None
 
     async def read(self) -> bytes:
+        conn = self._conn
+        if (conn is not None and self._framing == "length" and not self._done
+                and len(conn.buf) >= self._left):  # all there already (small answers)
+            data = conn.take(self._left)
+            self._left, self._done = 0, True
+            return data
         parts = [chunk async for chunk in self.iter_chunks()]
         return b"".join(parts)
 

@@ -53,7 +53,7 @@ import math
 import struct
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping
-from itertools import chain, repeat
+from itertools import chain
 
 from meshnode.mesh.errors import MeshError
 
@@ -72,6 +72,8 @@ DEFAULT_LOAD_FACTOR = 1.25
 
 _2_POW_M53 = 2.0**-53
 _PERSON_HRW = b"meshnode/hrw"
+ORDER_CACHE_NODES = 16
+"""Rings of at most this many nodes cache each position's walk order (Ring.order)."""
 _PERSON_RING_KEY = b"meshnode/ring-k"
 _PERSON_RING_VNODE = b"meshnode/ring-v"
 _WORDS = struct.Struct("<8Q").unpack  # one 64-byte BLAKE2b digest -> eight 64-bit ring points
@@ -139,9 +141,10 @@ class Ring:
     visit all n nodes); `choose` O(n) to total the loads, then a walk until a node fits.
     """
 
-    __slots__ = ("_nodes", "_owners", "_points", "_vnodes")
+    __slots__ = ("_nodes", "_orders", "_owners", "_points", "_vnodes")
 
     _nodes: tuple[str, ...]
+    _orders: dict[int, tuple[str, ...]]  # ring position -> walk order from it (a cache)
     _owners: tuple[str, ...]
     _points: tuple[int, ...]
     _vnodes: int
@@ -170,6 +173,7 @@ class Ring:
         object.__setattr__(self, "_vnodes", vnodes)
         object.__setattr__(self, "_points", tuple([x >> shift for x in packed]))
         object.__setattr__(self, "_owners", tuple([names[x & mask] for x in packed]))
+        object.__setattr__(self, "_orders", {})
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("Ring is immutable; build a new one from the new node set")
@@ -214,16 +218,24 @@ class Ring:
         """
         if not self._nodes:
             return
-        owners, n = self._owners, len(self._nodes)
+        yield from self.order(key)
+
+    def order(self, key: str | bytes) -> tuple[str, ...]:
+        """What :meth:`walk` yields, as a tuple; cached per ring position for rings of up to
+        ORDER_CACHE_NODES nodes (the cache then holds at most vnodes * n * n names)."""
         start = self._start(key)
-        seen: set[str] = set()
-        for i in chain(range(start, len(owners)), range(start)):
-            node = owners[i]
-            if node not in seen:
-                seen.add(node)
-                yield node
+        order = self._orders.get(start)
+        if order is None:
+            owners, n = self._owners, len(self._nodes)
+            seen: dict[str, None] = {}
+            for i in chain(range(start, len(owners)), range(start)):
+                seen.setdefault(owners[i])
                 if len(seen) == n:
-                    return
+                    break
+            order = tuple(seen)
+            if n <= ORDER_CACHE_NODES:
+                self._orders[start] = order
+        return order
 
     def choose(
         self, key: str | bytes, loads: Mapping[str, int], c: float = DEFAULT_LOAD_FACTOR
@@ -239,20 +251,22 @@ class Ring:
         Raises EmptyRingError on an empty ring; ValueError when c < 1 or is not finite, or a
         load is negative.
         """
+        return self.choose_in(self.order(key), loads, c)
+
+    def choose_in(self, order: tuple[str, ...], loads: Mapping[str, int],
+                  c: float = DEFAULT_LOAD_FACTOR) -> str:
+        """:meth:`choose` given the key's walk `order` (from :meth:`order`)."""
         if not 1.0 <= c < math.inf:
             raise ValueError(f"c must be finite and >= 1, got {c!r}")
-        start = self._start(key)
-        owners, nodes = self._owners, self._nodes
-        current = list(map(loads.get, nodes, repeat(0)))
-        if min(current) < 0:
-            raise ValueError("loads must be >= 0")
-        capacity = math.ceil(c * (sum(current) + 1) / len(nodes))
         get = loads.get
-        seen: set[str] = set()
-        for i in chain(range(start, len(owners)), range(start)):
-            node = owners[i]
-            if node not in seen:
-                if get(node, 0) + 1 <= capacity:
-                    return node
-                seen.add(node)
+        total = 0
+        for node in self._nodes:
+            load = get(node, 0)
+            if load < 0:
+                raise ValueError("loads must be >= 0")
+            total += load
+        capacity = math.ceil(c * (total + 1) / len(self._nodes))
+        for node in order:
+            if get(node, 0) + 1 <= capacity:
+                return node
         raise AssertionError("unreachable: some node is always under the bounded-load capacity")

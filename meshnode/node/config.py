@@ -105,6 +105,10 @@ class NodeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     engine_pythons: dict[str, str] = {}
     """Per-engine interpreter of its own venv, e.g. {"vllm": "/opt/vllm/bin/python"}; engines
     pin conflicting versions. Unlisted engines use the node's own interpreter."""
+    prompt_cache_mb: Annotated[int, Meta(ge=0)] = 256
+    """MiB of saved KV states per llama.cpp replica (multi-prefix prompt cache): prompts that
+    share a prefix with a recent request skip re-evaluating it. 0 disables it. RAM per replica;
+    SmolLM2-135M takes ~22 KiB a token, so 256 MiB keeps ~11,000 tokens of prefixes."""
 
     def resolved(self) -> "NodeConfig":
         """Fill the defaults that depend on the machine (name, data_dir)."""

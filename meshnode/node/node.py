@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import shutil
 import tempfile
 import time
@@ -25,6 +26,7 @@ from pathlib import Path
 import msgspec
 import structlog
 
+from meshnode import __version__
 from meshnode.engines import (
     EngineOption,
     EngineUnsupported,
@@ -34,8 +36,6 @@ from meshnode.engines import (
     detect_hardware,
     probe_engines,
 )
-
-from meshnode import __version__
 from meshnode.mesh import MemberState
 from meshnode.mesh.crypto_errors import RevocationError, SecurityError
 from meshnode.mesh.identity import NodeIdentity
@@ -55,10 +55,10 @@ from .errors import (
 )
 from .keysync import NodeKeys
 from .replicas import Replica, ReplicaStatus
-from .views import DeploymentView, deployment_status
 from .router import Router
 from .security import INTERNAL_REVOCATION_PATH, ClusterSecurity
 from .sync import DeploymentSync, Peer, TableSync, encode_entries
+from .views import DeploymentView, deployment_status
 
 __all__ = ["DeploymentView", "Node", "NodeState", "Target"]
 
@@ -133,7 +133,7 @@ class Node:
     def _table_path(self) -> Path:
         return self.data_dir / "deployments.json"
 
-    async def __aenter__(self) -> "Node":
+    async def __aenter__(self) -> Node:
         if self.state is not NodeState.NEW:
             return self
         for sub in ("models", "logs"):
@@ -386,7 +386,7 @@ class Node:
         replica = Replica(deployment, _spec_for(deployment), node_name=self.name,
                           data_dir=self.data_dir, run_dir=self._run_dir or self.data_dir,
                           threads=self.config.engine_threads, supervisor=self._supervisor,
-                          python=python)
+                          python=python, prompt_cache_mb=self.config.prompt_cache_mb)
         self.replicas[deployment.name] = replica
         await replica.__aenter__()
         log.info("replica.start", model=deployment.name, engine=deployment.engine)
@@ -582,6 +582,7 @@ def _spec_for(d: Deployment) -> ModelSpec:
                          source=ModelSource(kind="path", file=d.model))
 
 
+@functools.lru_cache(maxsize=1024)  # a peer's load bytes repeat until its load changes
 def _in_flight(load: bytes) -> int:
     try:
         return _load_decoder.decode(load).in_flight if load else 0

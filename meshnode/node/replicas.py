@@ -39,7 +39,8 @@ class ReplicaStatus(msgspec.Struct, frozen=True, kw_only=True):
 class Replica:
     def __init__(self, deployment: Deployment, spec: ModelSpec, *, node_name: str,
                  data_dir: Path, run_dir: Path, threads: int,
-                 supervisor: SupervisorConfig, python: str = "") -> None:
+                 supervisor: SupervisorConfig, python: str = "",
+                 prompt_cache_mb: int = 256) -> None:
         self.deployment = deployment
         self.spec = spec
         self._node_name = node_name
@@ -48,6 +49,7 @@ class Replica:
         self._threads = threads
         self._supervisor = supervisor
         self._python = python
+        self._prompt_cache_mb = prompt_cache_mb
         self.process: EngineProcess | None = None
         self._state = "preparing"
         self._reason = ""
@@ -87,6 +89,7 @@ class Replica:
             context_length=d.context_length, abilities=self.abilities,
             chat_template=d.chat_template, threads=self._threads, python=self._python,
             cache_dir=str(self._data_dir / "converted"),
+            prompt_cache_mb=self._prompt_cache_mb,
         )
         self.process = EngineProcess(
             launch, run_dir=self._run_dir,

@@ -97,9 +97,11 @@ class Router:
         if not gossiped:
             return []
         ring = self.ring(name, frozenset(gossiped))
-        loads = {n: max(load, self.forwarded[n]) for n, load in gossiped.items()}
-        first = ring.choose(key, loads, self.load_factor)
-        return [first, *(n for n in ring.walk(key) if n != first)]
+        forwarded = self.forwarded.get
+        loads = {n: max(load, forwarded(n, 0)) for n, load in gossiped.items()}
+        order = ring.order(key)
+        first = ring.choose_in(order, loads, self.load_factor)
+        return [first, *(n for n in order if n != first)]
 
     @contextlib.contextmanager
     def track(self, node_id: str) -> Iterator[None]:

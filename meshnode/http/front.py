@@ -1,0 +1,403 @@
+"""The public port's front: the fast path of inference requests, below aiohttp.
+
+Every connection to the public port starts here. An asyncio protocol reads HTTP/1.1 requests
+and serves those it can serve on its own: a POST to an inference route, with a Content-Length
+body that decodes, passes the API key check, and names a deployment that serves that route.
+It calls passthrough.dispatch with a Sink that writes straight to the socket.
+
+Anything else is handed over: another route, a malformed, oversized or unauthenticated request,
+a chunked upload, HTTP/1.0, `Expect`, `Upgrade`, a query string, a head over HEAD_MAX. The
+connection's transport, with every byte read and not yet answered, goes to a protocol of the
+aiohttp app's server, which owns that connection from then on and answers exactly as it always
+did (its error bodies, 413, 401/403, the web UI). The front itself renders only the errors
+raised while dispatching (no replica ready, engine crashed), with errors.exception_parts like
+the app. A hand-over happens only between requests (nothing of the current one answered yet).
+
+Why: on the 2-core test machine, aiohttp's server costs ~0.25 ms of CPU per request before any
+handler runs, and forwarding through it added 1.1-1.3 ms where nginx adds 0.3 ms
+(bench/routing.py). Keep-alive: a connection idle for KEEPALIVE_S is closed, as aiohttp does.
+A client that goes away cancels the task answering it (as aiohttp's handler_cancellation),
+which closes the upstream connection. Responses are written as the upstream gives them;
+`write` waits while the socket is above its high-water mark (backpressure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from email.utils import formatdate
+from http import HTTPStatus
+
+import structlog
+from aiohttp import web
+
+from meshnode.engines import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    EngineError,
+    InvalidRequest,
+    RerankRequest,
+    decode_request,
+)
+from meshnode.node import NodeError, request_key
+
+from .auth import inference_allowed, keys_required
+from .errors import error_parts, exception_parts
+from .forward import ENGINE_UPSTREAM, FORWARD_UPSTREAM, HOP_MODE
+from .keys import NODE
+from .middleware import request_id
+from .passthrough import Call, dispatch
+
+__all__ = ["HEAD_MAX", "KEEPALIVE_S", "FrontSite"]
+
+log = structlog.get_logger("meshnode.http")
+
+HEAD_MAX = 16 * 1024
+"""Longest request head (request line + headers) the front reads; longer ones are handed over."""
+KEEPALIVE_S = 75.0
+"""An idle keep-alive connection is closed after this long (aiohttp's default), give or take
+a quarter of it (one sweep of every connection per quarter, not a timer per request)."""
+PIPELINE_MAX = 1024 * 1024
+"""Bytes of further requests buffered while one is answered; above it reading pauses."""
+
+# path -> (request schema, ability, canonical path sent upstream)
+_ROUTES: dict[bytes, tuple[type, str, str]] = {
+    b"/v1/chat/completions": (ChatCompletionRequest, "chat", "/v1/chat/completions"),
+    b"/v1/completions": (CompletionRequest, "completion", "/v1/completions"),
+    b"/v1/embeddings": (EmbeddingRequest, "embed", "/v1/embeddings"),
+    b"/v1/rerank": (RerankRequest, "rerank", "/v1/rerank"),
+    b"/v2/rerank": (RerankRequest, "rerank", "/v1/rerank"),
+    b"/rerank": (RerankRequest, "rerank", "/v1/rerank"),
+}
+_HANDED_OVER = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
+_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+_date_cache: tuple[int, bytes] = (0, b"")
+
+
+def _date() -> bytes:
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, formatdate(now, usegmt=True).encode())
+    return _date_cache[1]
+
+
+def _head(status: int, headers: dict[str, str], framing: bytes, close: bool) -> bytes:
+    parts = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))]
+    parts += [f"{k}: {v}\r\n".encode("latin-1") for k, v in headers.items()]
+    parts.append(b"Date: %s\r\n%s%s\r\n" % (_date(), framing,
+                                           b"Connection: close\r\n" if close else b""))
+    return b"".join(parts)
+
+
+class _Request:
+    """What the front read of one request's head."""
+
+    __slots__ = ("authorization", "close", "hop", "length", "request_id", "route")
+
+    def __init__(self, route: tuple[type, str, str]) -> None:
+        self.route = route
+        self.length = -1
+        self.close = False
+        self.hop: str | None = None
+        self.authorization: str | None = None
+        self.request_id = ""
+
+
+def _parse(head: bytes) -> _Request | None:
+    """The request head (up to, without, the blank line), or None to hand it over: anything
+    that is not a plain POST to an inference route with exactly one Content-Length, or that
+    aiohttp's strict parser might read differently (bare LF, folded lines, a space before a
+    colon, Transfer-Encoding, Expect, Upgrade)."""
+    lines = head.split(b"\r\n")
+    method, _, rest = lines[0].partition(b" ")
+    target, _, version = rest.partition(b" ")
+    route = _ROUTES.get(target)
+    if method != b"POST" or version != b"HTTP/1.1" or route is None or b"\n" in head.replace(
+            b"\r\n", b""):
+        return None
+    req = _Request(route)
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name != name.strip():
+            return None  # malformed, or obsolete line folding: aiohttp answers 400
+        name = name.lower()
+        if name in _HANDED_OVER:
+            return None
+        value = value.strip()
+        if name == b"content-length":
+            if req.length >= 0 or not value.isdigit():
+                return None
+            req.length = int(value)
+        elif name == b"connection":
+            req.close = b"close" in value.lower()
+        elif name == b"authorization":
+            req.authorization = value.decode("latin-1")
+        elif name == b"x-request-id":
+            req.request_id = value.decode("latin-1")
+        elif name == b"x-meshnode-hop":
+            req.hop = value.decode("latin-1") or None
+    return req if req.length >= 0 else None
+
+
+class _Front:
+    """Per listener: the node, the app's pools and server, the open connections."""
+
+    def __init__(self, app: web.Application, server: web.Server) -> None:
+        node = app[NODE]
+        self.node = node
+        self.server = server
+        self.peers = app.get(FORWARD_UPSTREAM)
+        self.engines = app[ENGINE_UPSTREAM]
+        self.mode = app.get(HOP_MODE, "open")
+        self.keys_required = keys_required(node.config) and self.mode != "internal"
+        self.max_body = node.config.max_body_bytes
+        self.conns: set[_Conn] = set()
+        self.closing = False
+        self.loop = asyncio.get_running_loop()
+        self._sweeper = self.loop.call_later(KEEPALIVE_S / 4, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close connections idle for KEEPALIVE_S (checked every KEEPALIVE_S / 4)."""
+        deadline = self.loop.time() - KEEPALIVE_S
+        for conn in [c for c in self.conns if c.task is None and c.idle_since < deadline]:
+            conn.abort()
+        self._sweeper = self.loop.call_later(KEEPALIVE_S / 4, self._sweep)
+
+    def call(self, req: _Request) -> Call:
+        return Call(self.node, request_id(req.request_id), self.peers, self.engines,
+                    served_here=self.mode == "internal" or (self.mode == "open"
+                                                            and req.hop is not None),
+                    authorization=req.authorization if self.mode == "open" else None)
+
+    async def close(self, timeout_s: float) -> None:
+        """Close idle connections now; give busy ones `timeout_s` to finish, then cut them."""
+        self.closing = True
+        self._sweeper.cancel()
+        for conn in list(self.conns):
+            if conn.task is None:
+                conn.abort()
+        busy = [c.task for c in self.conns if c.task is not None]
+        if busy:
+            await asyncio.wait(busy, timeout=timeout_s)
+        for conn in list(self.conns):
+            conn.abort()
+
+
+class _Conn(asyncio.Protocol):
+    """One client connection while the front owns it."""
+
+    def __init__(self, front: _Front) -> None:
+        self.front = front
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.pending: _Request | None = None  # head parsed, body still arriving
+        self.head_end = 0
+        self.task: asyncio.Task[None] | None = None
+        self.idle_since = 0.0  # loop time the connection last became idle
+        self.reading_paused = False
+        self.writable: asyncio.Future[None] | None = None  # set while writing is paused
+        self.gone = False
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.front.conns.add(self)
+        self.idle_since = self.front.loop.time()
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.task is None:
+            self._next()
+        elif len(self.buf) > PIPELINE_MAX and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes; an answer in progress is cancelled
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gone = True
+        self.transport = None
+        self.front.conns.discard(self)
+        if self.task is not None:
+            self.task.cancel()
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_exception(ConnectionResetError("client went away"))
+
+    def pause_writing(self) -> None:
+        if self.writable is None or self.writable.done():
+            self.writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_result(None)
+        self.writable = None
+
+    # the request cycle
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _next(self) -> None:
+        """Start answering the next complete request in the buffer, if there is one."""
+        buf = self.buf
+        req = self.pending
+        if req is None:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > HEAD_MAX or b"\n\n" in buf or b"\n\r\n" in buf:
+                    self._hand_over()  # too long, or bare-LF framing: aiohttp decides
+                return
+            req = _parse(bytes(buf[:end]))
+            if req is None or req.length > self.front.max_body or self.front.closing:
+                return self._hand_over()
+            self.pending, self.head_end = req, end + 4
+        size = self.head_end + req.length
+        if len(buf) < size:
+            return
+        body = bytes(buf[self.head_end:size])
+        schema, ability, path = req.route
+        node = self.front.node
+        try:
+            decoded = decode_request(body, schema)
+            if ability not in node.abilities(decoded.model):
+                return self._hand_over()
+        except (InvalidRequest, NodeError):
+            return self._hand_over()
+        if self.front.keys_required and not inference_allowed(
+                node, req.authorization, decoded.model):
+            return self._hand_over()
+        del buf[:size]
+        self.pending = None
+        self.task = self.front.loop.create_task(
+            self._answer(self.front.call(req), decoded.model, path, body,
+                         request_key(decoded), req.close))
+
+    async def _answer(self, call: Call, name: str, path: str, body: bytes, key: bytes,
+                      close: bool) -> None:
+        sink = _Sink(self, close or self.front.closing)
+        # This task runs in its own copy of the context: no need to unbind.
+        structlog.contextvars.bind_contextvars(request_id=call.rid)
+        try:
+            await dispatch(call, name, path, body, key, sink)
+        except (EngineError, NodeError) as exc:
+            if not sink.started:
+                status, headers, data = exception_parts(exc)
+                await sink.respond(status, {**headers, "X-Request-Id": call.rid}, data)
+            else:
+                log.warning("request.broken", path=path, error=str(exc))
+                sink.close_after = True
+        except Exception:
+            log.exception("request.failed", path=path)
+            if not sink.started:
+                status, headers, data = error_parts(
+                    500, "internal error; the node's log has the details under this "
+                         "request's id")
+                await sink.respond(status, {**headers, "X-Request-Id": call.rid}, data)
+            sink.close_after = True
+        self.task = None
+        if self.gone:
+            return
+        if sink.close_after or self.front.closing:
+            self.transport.close()  # type: ignore[union-attr]
+            return
+        if self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()  # type: ignore[union-attr]
+        self.idle_since = self.front.loop.time()
+        if self.buf:
+            self._next()
+
+    def _hand_over(self) -> None:
+        """Give the connection, and the bytes not answered, to the aiohttp server."""
+        transport, self.transport = self.transport, None
+        self.front.conns.discard(self)
+        if transport is None or transport.is_closing():
+            return
+        protocol = self.front.server()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if self.reading_paused:
+            transport.resume_reading()
+        data, self.buf = bytes(self.buf), bytearray()
+        if data:
+            protocol.data_received(data)
+
+
+class _Sink:
+    """Writes an answer to the client's socket (passthrough.Sink)."""
+
+    __slots__ = ("close_after", "conn", "started")
+
+    def __init__(self, conn: _Conn, close_after: bool) -> None:
+        self.conn = conn
+        self.close_after = close_after
+        self.started = False
+
+    def _write(self, data: bytes) -> None:
+        transport = self.conn.transport
+        if transport is None:
+            raise ConnectionResetError("client went away")
+        transport.write(data)
+
+    async def respond(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.started = True
+        self._write(_head(status, headers, b"Content-Length: %d\r\n" % len(body),
+                          self.close_after) + body)
+
+    async def open(self, status: int, headers: dict[str, str]) -> None:
+        self.started = True
+        self._write(_head(status, headers, b"Transfer-Encoding: chunked\r\n",
+                          self.close_after))
+
+    async def write(self, data: bytes) -> None:
+        if data:
+            self._write(b"%x\r\n%s\r\n" % (len(data), data))
+            if self.conn.writable is not None:
+                await self.conn.writable
+
+    async def close(self) -> None:
+        self._write(b"0\r\n\r\n")
+
+
+class FrontSite(web.BaseSite):
+    """A TCP site of an AppRunner whose connections start at the front (see the module
+    docstring). Stopping it closes idle connections and gives busy ones the runner's
+    shutdown_timeout to finish."""
+
+    __slots__ = ("_front", "_host", "_port", "_reuse_address")
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, *,
+                 ssl_context: ssl.SSLContext | None = None, backlog: int = 128,
+                 reuse_address: bool = True) -> None:
+        super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
+        self._host = host
+        self._port = port
+        self._reuse_address = reuse_address
+        self._front: _Front | None = None
+
+    @property
+    def name(self) -> str:
+        scheme = "https" if self._ssl_context else "http"
+        return f"{scheme}://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        runner = self._runner
+        assert isinstance(runner, web.AppRunner) and runner.server is not None
+        front = self._front = _Front(runner.app, runner.server)
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: _Conn(front), self._host, self._port, ssl=self._ssl_context,
+            backlog=self._backlog, reuse_address=self._reuse_address)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self._front is not None:
+            await self._front.close(self._runner._shutdown_timeout)
+        await super().stop()

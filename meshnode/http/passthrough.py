@@ -1,0 +1,208 @@
+"""Answer an inference request from a replica: here (the local engine) or on a peer.
+
+Written once for both servers of a node: the front (front.py, the public port's fast path)
+and the aiohttp apps (connections the front handed over, the signed cluster's internal
+listener). Each gives a `Call` (what is known of the request) and a `Sink` (how to answer).
+
+A request is tried on the router's targets in order. A peer is sent the raw body on the same
+path with `X-Meshnode-Hop: 1`; a request that carries the hop header (or came in on the
+internal listener) is served here or refused, never forwarded again, so a stale view cannot
+bounce a request around the mesh. Before the first byte of an answer, a connection failure
+or a 503 from a peer moves on to the next target (at most one try per ready replica); after
+it, bytes pass through as they come (streams chunk by chunk, no re-encoding). A client that
+goes away cancels the task running `dispatch`, which closes the upstream connection, which
+cancels the peer's handler and its engine's generation.
+
+In a signed cluster the forwarder checks that the certificate that answered is the target
+node's before passing a peer's answer on.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import msgspec
+import structlog
+
+from meshnode.node import ModelUnavailable, Node, Replica, Target
+
+from .upstream import Upstream, UpstreamError, UpstreamResponse
+
+__all__ = ["HOP_HEADER", "Call", "Sink", "dispatch"]
+
+log = structlog.get_logger("meshnode.http")
+
+HOP_HEADER = "X-Meshnode-Hop"
+
+_encode = msgspec.json.Encoder().encode
+_PASS_HEADERS = (("x-served-by", "X-Served-By"), ("retry-after", "Retry-After"),
+                 ("cache-control", "Cache-Control"))
+_CRASHED = b"data: " + _encode({"error": {
+    "message": "the engine stopped while streaming; retry the request",
+    "type": "server_error", "param": None, "code": "engine_crashed"}}) + b"\n\n"
+_UPSTREAM_DOWN = (UpstreamError, OSError)
+_SSE = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+
+
+class Sink(Protocol):
+    """Where an answer goes: either one whole response, or a stream opened, written, closed.
+    `write` returns once the client can take more (backpressure)."""
+
+    async def respond(self, status: int, headers: dict[str, str], body: bytes) -> None: ...
+
+    async def open(self, status: int, headers: dict[str, str]) -> None: ...
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class Call:
+    """One inference request as the dispatcher needs it."""
+
+    __slots__ = ("authorization", "engines", "node", "peers", "rid", "served_here")
+
+    def __init__(self, node: Node, rid: str, peers: Upstream | None, engines: Upstream, *,
+                 served_here: bool, authorization: str | None) -> None:
+        self.node = node
+        self.rid = rid
+        self.peers = peers
+        """The pool of connections to peer nodes (with the mTLS context when signed); None
+        where nothing is forwarded (the internal listener)."""
+        self.engines = engines
+        """The pool of connections to this node's engine processes."""
+        self.served_here = served_here
+        """Forwarded to us (hop header in an open cluster, or the internal listener)."""
+        self.authorization = authorization
+        """Passed on to peers: set only in an open cluster that requires API keys."""
+
+
+async def dispatch(call: Call, name: str, path: str, body: bytes, key: bytes,
+                   sink: Sink) -> None:
+    """Answer the request for deployment `name` (routing `key`) into `sink`. Raises the node's
+    or the engines' errors when nothing was sent yet (no replica, engine crashed)."""
+    node = call.node
+    if call.served_here:
+        return await relay(call, node.replica(name), path, body, sink)
+    targets = node.route(name, key)
+    last: ModelUnavailable | None = None
+    for i, target in enumerate(targets):
+        final = i == len(targets) - 1
+        if target.local:
+            replica = node.replicas.get(name)
+            if (replica is None or replica.state != "ready") and not final:
+                continue  # it went away since the route was computed: try the next one
+            return await relay(call, node.replica(name), path, body, sink)
+        if await _forward(call, target, path, body, final, sink):
+            return None
+        last = ModelUnavailable(f"model {name!r}: no replica answered; retry shortly")
+    raise last or ModelUnavailable(f"model {name!r} has no ready replica; retry shortly")
+
+
+async def relay(call: Call, replica: Replica, path: str, body: bytes, sink: Sink) -> None:
+    """Pass the request to the local engine's OpenAI server and its answer back."""
+    rid = call.rid
+    out = {"X-Request-Id": rid, "X-Served-By": call.node.name}
+    replica.in_flight += 1
+    try:
+        try:
+            upstream = await call.engines.request(
+                "POST", replica.address(), path, body,
+                {"X-Request-Id": rid, "Content-Type": "application/json"})
+        except _UPSTREAM_DOWN as exc:
+            raise replica.process.crashed() if replica.process else exc from exc
+        async with upstream:
+            if upstream.content_type != "text/event-stream":
+                try:
+                    data = await upstream.read()
+                except _UPSTREAM_DOWN as exc:
+                    raise replica.process.crashed() if replica.process else exc from exc
+                if "retry-after" in upstream.headers:
+                    out["Retry-After"] = upstream.headers["retry-after"]
+                out["Content-Type"] = upstream.headers.get("content-type", "application/json")
+                return await sink.respond(upstream.status, out, data)
+            await sink.open(upstream.status, {**out, **_SSE})
+            tail = b""
+            try:
+                async for chunk in upstream.iter_chunks():
+                    await sink.write(chunk)
+                    tail = (tail + chunk)[-512:]
+            except _UPSTREAM_DOWN:
+                pass
+            # A stream ends with [DONE] or an error event; an engine that died between two
+            # chunks may look like a clean end of body, so check what the last event was.
+            last = tail.rstrip(b"\n").rpartition(b"\n\n")[2]
+            if last != b"data: [DONE]" and not last.startswith(b'data: {"error"'):
+                await sink.write(_CRASHED)
+            return await sink.close()
+    finally:
+        replica.in_flight -= 1
+
+
+def _peer_ok(node: Node, upstream: UpstreamResponse, target: Target) -> bool:
+    """In a signed cluster: did the target node's own, unrevoked certificate answer?"""
+    if node.security is None:
+        return True
+    try:
+        node.verify_peer_tls(upstream.ssl_object, target.node_id)
+    except Exception as exc:  # noqa: BLE001 - the security layer's errors: refuse the peer
+        log.warning("forward.peer_refused", node=target.name, error=str(exc))
+        return False
+    return True
+
+
+async def _forward(call: Call, target: Target, path: str, body: bytes, final: bool,
+                   sink: Sink) -> bool:
+    """Pass the peer's answer on (True), or False to try the next target: it failed before
+    its first byte (unreachable, or 503 when others remain)."""
+    headers = {HOP_HEADER: "1", "X-Request-Id": call.rid, "Content-Type": "application/json"}
+    if call.authorization is not None:
+        headers["Authorization"] = call.authorization
+    assert call.peers is not None, "a Call that may forward needs the peers' pool"
+    forwarded = call.node.router.forwarded  # in flight per target (Router.track, inlined)
+    forwarded[target.node_id] += 1
+    try:
+        try:
+            upstream = await call.peers.request("POST", target.url, path, body, headers)
+        except UpstreamError as exc:
+            log.info("forward.failed", node=target.name, error=str(exc))
+            return False
+        try:
+            if not _peer_ok(call.node, upstream, target):
+                return False
+            if upstream.status == 503 and not final:
+                log.info("forward.unavailable", node=target.name)
+                return False
+            got = upstream.headers
+            out = {"X-Request-Id": call.rid}
+            for h, name in _PASS_HEADERS:
+                if h in got:
+                    out[name] = got[h]
+            if upstream.content_type != "text/event-stream":
+                try:
+                    data = await upstream.read()
+                except UpstreamError as exc:
+                    log.info("forward.failed", node=target.name, error=str(exc))
+                    return False
+                out["Content-Type"] = got.get("content-type", "application/json")
+                upstream.release()
+                await sink.respond(upstream.status, out, data)
+                return True
+            await sink.open(upstream.status, {**out, **_SSE})
+            try:
+                async for chunk in upstream.iter_chunks():
+                    await sink.write(chunk)
+            except UpstreamError:
+                await sink.write(b"data: " + _encode({"error": {
+                    "message": f"node {target.name} went away while streaming; retry the "
+                               "request", "type": "server_error", "param": None,
+                    "code": "upstream_lost"}}) + b"\n\n")
+            upstream.release()
+            await sink.close()
+            return True
+        finally:
+            upstream.close()  # unless released above: the peer must see us go away
+    finally:
+        forwarded[target.node_id] -= 1
+        if forwarded[target.node_id] <= 0:
+            del forwarded[target.node_id]
