@@ -77,8 +77,8 @@ async def serve(config: NodeConfig, ready: asyncio.Event | None = None) -> None:
                                  access_log=None, shutdown_timeout=config.grace_s)
         await internal.setup()
         try:
-            await web.TCPSite(internal, config.host, config.internal_port, reuse_address=True,
-                              ssl_context=security.server_context()).start()
+            await FrontSite(internal, config.host, config.internal_port, reuse_address=True,
+                            ssl_context=security.server_context()).start()
         except BaseException:
             await internal.cleanup()
             raise

@@ -3,7 +3,9 @@
 Every connection to the public port starts here. An asyncio protocol reads HTTP/1.1 requests
 and serves those it can serve on its own: a POST to an inference route, with a Content-Length
 body that decodes, passes the API key check, and names a deployment that serves that route.
-It calls passthrough.dispatch with a Sink that writes straight to the socket.
+It calls passthrough.dispatch with a Sink that writes straight to the socket. The signed
+cluster's internal listener (mTLS) starts at a front too: there every request was forwarded by
+a peer, whose certificate is checked on each request (else hand-over: internal.py answers 403).
 
 Anything else is handed over: another route, a malformed, oversized or unauthenticated request,
 a chunked upload, HTTP/1.0, `Expect`, `Upgrade`, a query string, a head over HEAD_MAX. The
@@ -41,6 +43,7 @@ from meshnode.engines import (
     RerankRequest,
     decode_request,
 )
+from meshnode.mesh.crypto_errors import SecurityError
 from meshnode.node import NodeError, request_key
 
 from .auth import inference_allowed, keys_required
@@ -272,6 +275,8 @@ class _Conn(asyncio.Protocol):
         if self.front.keys_required and not inference_allowed(
                 node, req.authorization, decoded.model):
             return self._hand_over()
+        if self.front.mode == "internal" and not self._peer_ok():
+            return self._hand_over()  # internal.peer_middleware answers 403 and closes
         del buf[:size]
         self.pending = None
         self.task = self.front.loop.create_task(
@@ -312,6 +317,18 @@ class _Conn(asyncio.Protocol):
         self.idle_since = self.front.loop.time()
         if self.buf:
             self._next()
+
+    def _peer_ok(self) -> bool:
+        """On the internal listener: is the TLS peer a live node of this cluster?"""
+        security = self.front.node.security
+        transport = self.transport
+        if security is None or transport is None:
+            return False
+        try:
+            security.check_peer(transport.get_extra_info("ssl_object"))
+        except SecurityError:
+            return False
+        return True
 
     def _hand_over(self) -> None:
         """Give the connection, and the bytes not answered, to the aiohttp server."""
