@@ -19,7 +19,9 @@ machine's noise. Two workloads:
                sequential; `--concurrency` chats run at once per router. The routing key
                (system prompt + first user message, first 256 bytes) is the same for every
                turn, so the ring keeps a chat on one replica; round-robin sends each request
-               to the next holder in turn.
+               to the next holder in turn. With the long system prompts the key is the
+               system prompt alone (all its chats on one replica); `--system-rules 0` makes
+               them short, so the first question spreads chats over the replicas.
 
 llama.cpp reuses the longest matching prefix of the context's live tokens or, with the
 multi-prefix prompt cache (`--prompt-cache-mb` on the nodes, default 256; 0 = off), of any
@@ -31,6 +33,8 @@ saved state; each answer reports it as usage.prompt_tokens_details.cached_tokens
 
     python bench/prefix_affinity.py [--requests 60] [--prompts 3] [--concurrency 3]
     python bench/prefix_affinity.py --turns 4 [--conversations 9] [--answer-tokens 24]
+    python bench/prefix_affinity.py --turns 6 --conversations 8 --concurrency 4 \
+        --answer-tokens 32 --system-rules 0                   # short system prompts
     python bench/prefix_affinity.py ... --prompt-cache-mb 0     # the nodes' cache off
 
 Target (issue 4): hit rate >= 3.8x round-robin's, max/mean <= 1.25. Single-turn: with R
@@ -38,6 +42,8 @@ replicas and a uniform random workload over P prompts, round-robin hits about 1/
 affinity at best 1 (each replica one prompt when P <= R); with K-entry caches round-robin
 hits K/P and affinity needs K >= P/R: the ratio cannot exceed R (here 3) in steady state,
 whatever the router or the cache. The benchmark prints that bound next to the measured ratio.
+Multi-turn: with the prompt cache, a round-robin replica still finds the system prompt in
+some saved state (any chat under it), so only the chat history separates the routers.
 """
 
 from __future__ import annotations

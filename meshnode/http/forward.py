@@ -68,9 +68,18 @@ def call_for(app: web.Application, rid: str, hop: str | None,
 class _ResponseSink:
     """A Sink that builds the aiohttp response."""
 
+    transport = None  # aiohttp frames the body itself: nothing is spliced
+    extra_head = b""
+
     def __init__(self, request: web.Request) -> None:
         self.request = request
         self.response: web.StreamResponse | None = None
+
+    def on_source(self, source: object) -> None:
+        raise AssertionError("an aiohttp response is never spliced")
+
+    def spliced(self, keep_alive: bool) -> None:
+        raise AssertionError("an aiohttp response is never spliced")
 
     async def respond(self, status: int, headers: dict[str, str], body: bytes) -> None:
         self.response = web.Response(status=status, body=body, headers=headers)

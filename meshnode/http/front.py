@@ -202,6 +202,8 @@ class _Conn(asyncio.Protocol):
         self.idle_since = 0.0  # loop time the connection last became idle
         self.reading_paused = False
         self.writable: asyncio.Future[None] | None = None  # set while writing is paused
+        self.source: asyncio.Transport | None = None  # an upstream spliced into this socket
+        self.source_paused = False
         self.gone = False
 
     # asyncio.Protocol
@@ -234,11 +236,27 @@ class _Conn(asyncio.Protocol):
     def pause_writing(self) -> None:
         if self.writable is None or self.writable.done():
             self.writable = asyncio.get_running_loop().create_future()
+        if self.source is not None and not self.source_paused:
+            self.source_paused = True
+            self.source.pause_reading()
 
     def resume_writing(self) -> None:
         if self.writable is not None and not self.writable.done():
             self.writable.set_result(None)
         self.writable = None
+        if self.source is not None and self.source_paused:
+            self.source_paused = False
+            self.source.resume_reading()
+
+    def set_source(self, source: asyncio.Transport | None) -> None:
+        """The upstream transport an answer is spliced from (None when it is done): paused
+        while this socket is above its high-water mark."""
+        if source is None and self.source is not None and self.source_paused:
+            self.source.resume_reading()  # it goes back to the pool readable
+        self.source, self.source_paused = source, False
+        if source is not None and self.writable is not None:
+            self.source_paused = True
+            source.pause_reading()
 
     # the request cycle
 
@@ -286,8 +304,6 @@ class _Conn(asyncio.Protocol):
     async def _answer(self, call: Call, name: str, path: str, body: bytes, key: bytes,
                       close: bool) -> None:
         sink = _Sink(self, close or self.front.closing)
-        # This task runs in its own copy of the context: no need to unbind.
-        structlog.contextvars.bind_contextvars(request_id=call.rid)
         try:
             await dispatch(call, name, path, body, key, sink)
         except (EngineError, NodeError) as exc:
@@ -295,10 +311,10 @@ class _Conn(asyncio.Protocol):
                 status, headers, data = exception_parts(exc)
                 await sink.respond(status, {**headers, "X-Request-Id": call.rid}, data)
             else:
-                log.warning("request.broken", path=path, error=str(exc))
+                log.warning("request.broken", path=path, error=str(exc), request_id=call.rid)
                 sink.close_after = True
         except Exception:
-            log.exception("request.failed", path=path)
+            log.exception("request.failed", path=path, request_id=call.rid)
             if not sink.started:
                 status, headers, data = error_parts(
                     500, "internal error; the node's log has the details under this "
@@ -355,6 +371,22 @@ class _Sink:
         self.conn = conn
         self.close_after = close_after
         self.started = False
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self.conn.transport
+
+    @property
+    def extra_head(self) -> bytes:
+        return b"Connection: close\r\n" if self.close_after else b""
+
+    def on_source(self, source: asyncio.Transport | None) -> None:
+        self.conn.set_source(source)
+
+    def spliced(self, keep_alive: bool) -> None:
+        self.started = True
+        if not keep_alive:
+            self.close_after = True
 
     def _write(self, data: bytes) -> None:
         transport = self.conn.transport

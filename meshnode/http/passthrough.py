@@ -19,6 +19,7 @@ node's before passing a peer's answer on.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Protocol
 
 import msgspec
@@ -26,7 +27,7 @@ import structlog
 
 from meshnode.node import ModelUnavailable, Node, Replica, Target
 
-from .upstream import Upstream, UpstreamError, UpstreamResponse
+from .upstream import Spliced, Upstream, UpstreamError, UpstreamResponse
 
 __all__ = ["HOP_HEADER", "Call", "Sink", "dispatch"]
 
@@ -46,7 +47,19 @@ _SSE = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 class Sink(Protocol):
     """Where an answer goes: either one whole response, or a stream opened, written, closed.
-    `write` returns once the client can take more (backpressure)."""
+    `write` returns once the client can take more (backpressure).
+
+    A sink over a raw client socket (the front's) also offers `transport`, so a peer's answer
+    can be spliced through as it arrives (Upstream.splice): `extra_head` is inserted in the
+    answer's head, `on_source` learns the upstream transport (to pause it when the client is
+    slow), and `spliced` is told how it ended. Others set `transport` to None."""
+
+    transport: asyncio.Transport | None
+    extra_head: bytes
+
+    def on_source(self, source: asyncio.Transport | None) -> None: ...
+
+    def spliced(self, keep_alive: bool) -> None: ...
 
     async def respond(self, status: int, headers: dict[str, str], body: bytes) -> None: ...
 
@@ -141,10 +154,14 @@ async def relay(call: Call, replica: Replica, path: str, body: bytes, sink: Sink
 
 def _peer_ok(node: Node, upstream: UpstreamResponse, target: Target) -> bool:
     """In a signed cluster: did the target node's own, unrevoked certificate answer?"""
+    return _peer_tls_ok(node, upstream.ssl_object, target)
+
+
+def _peer_tls_ok(node: Node, ssl_object: object, target: Target) -> bool:
     if node.security is None:
         return True
     try:
-        node.verify_peer_tls(upstream.ssl_object, target.node_id)
+        node.verify_peer_tls(ssl_object, target.node_id)
     except Exception as exc:  # noqa: BLE001 - the security layer's errors: refuse the peer
         log.warning("forward.peer_refused", node=target.name, error=str(exc))
         return False
@@ -162,6 +179,8 @@ async def _forward(call: Call, target: Target, path: str, body: bytes, final: bo
     forwarded = call.node.router.forwarded  # in flight per target (Router.track, inlined)
     forwarded[target.node_id] += 1
     try:
+        if sink.transport is not None:
+            return await _splice(call, target, path, body, headers, final, sink)
         try:
             upstream = await call.peers.request("POST", target.url, path, body, headers)
         except UpstreamError as exc:
@@ -206,3 +225,35 @@ async def _forward(call: Call, target: Target, path: str, body: bytes, final: bo
         forwarded[target.node_id] -= 1
         if forwarded[target.node_id] <= 0:
             del forwarded[target.node_id]
+
+
+async def _splice(call: Call, target: Target, path: str, body: bytes, headers: dict[str, str],
+                  final: bool, sink: Sink) -> bool:
+    """_forward's way for a sink over a raw socket: the peer's answer, head included, is
+    written to the client as it arrives (the peer already set X-Request-Id, X-Served-By)."""
+    assert call.peers is not None and sink.transport is not None
+    node = call.node
+    check = None if node.security is None else (
+        lambda ssl_object: _peer_tls_ok(node, ssl_object, target))
+    done: Spliced = await call.peers.splice(
+        "POST", target.url, path, body, headers, sink.transport, extra_head=sink.extra_head,
+        retry_503=not final, check=check, on_source=sink.on_source)
+    match done.outcome:
+        case "done":
+            sink.spliced(done.keep_alive)
+            return True
+        case "broken":
+            sink.spliced(False)
+            if done.at_boundary:  # between two chunks: end the stream with an error event
+                await sink.write(b"data: " + _encode({"error": {
+                    "message": f"node {target.name} went away while streaming; retry the "
+                               "request", "type": "server_error", "param": None,
+                    "code": "upstream_lost"}}) + b"\n\n")
+                await sink.close()
+            log.info("forward.broken", node=target.name, request_id=call.rid)
+            return True
+        case "retry":
+            log.info("forward.unavailable", node=target.name, request_id=call.rid)
+        case outcome:
+            log.info("forward.failed", node=target.name, outcome=outcome, request_id=call.rid)
+    return False

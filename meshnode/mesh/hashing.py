@@ -74,6 +74,8 @@ _2_POW_M53 = 2.0**-53
 _PERSON_HRW = b"meshnode/hrw"
 ORDER_CACHE_NODES = 16
 """Rings of at most this many nodes cache each position's walk order (Ring.order)."""
+KEY_CACHE = 4096
+"""Keys whose walk order a ring remembers (cleared when full)."""
 _PERSON_RING_KEY = b"meshnode/ring-k"
 _PERSON_RING_VNODE = b"meshnode/ring-v"
 _WORDS = struct.Struct("<8Q").unpack  # one 64-byte BLAKE2b digest -> eight 64-bit ring points
@@ -141,10 +143,11 @@ class Ring:
     visit all n nodes); `choose` O(n) to total the loads, then a walk until a node fits.
     """
 
-    __slots__ = ("_nodes", "_orders", "_owners", "_points", "_vnodes")
+    __slots__ = ("_keys", "_nodes", "_orders", "_owners", "_points", "_vnodes")
 
     _nodes: tuple[str, ...]
     _orders: dict[int, tuple[str, ...]]  # ring position -> walk order from it (a cache)
+    _keys: dict[bytes, tuple[str, ...]]  # recent key -> its walk order (a cache)
     _owners: tuple[str, ...]
     _points: tuple[int, ...]
     _vnodes: int
@@ -174,6 +177,7 @@ class Ring:
         object.__setattr__(self, "_points", tuple([x >> shift for x in packed]))
         object.__setattr__(self, "_owners", tuple([names[x & mask] for x in packed]))
         object.__setattr__(self, "_orders", {})
+        object.__setattr__(self, "_keys", {})
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("Ring is immutable; build a new one from the new node set")
@@ -222,7 +226,13 @@ class Ring:
 
     def order(self, key: str | bytes) -> tuple[str, ...]:
         """What :meth:`walk` yields, as a tuple; cached per ring position for rings of up to
-        ORDER_CACHE_NODES nodes (the cache then holds at most vnodes * n * n names)."""
+        ORDER_CACHE_NODES nodes (the cache then holds at most vnodes * n * n names), and per
+        key for the last KEY_CACHE keys (requests that share a prefix repeat their key: the
+        BLAKE2b and the bisection are then skipped)."""
+        if isinstance(key, bytes):
+            order = self._keys.get(key)
+            if order is not None:
+                return order
         start = self._start(key)
         order = self._orders.get(start)
         if order is None:
@@ -235,6 +245,10 @@ class Ring:
             order = tuple(seen)
             if n <= ORDER_CACHE_NODES:
                 self._orders[start] = order
+        if isinstance(key, bytes) and len(self._nodes) <= ORDER_CACHE_NODES:
+            if len(self._keys) >= KEY_CACHE:
+                self._keys.clear()
+            self._keys[key] = order
         return order
 
     def choose(

@@ -80,6 +80,8 @@ class Target(msgspec.Struct, frozen=True):
     local: bool
 
 
+HOLDERS_TTL_S = 0.05
+"""How long route() reuses a deployment's list of ready peers and their gossiped loads."""
 _PLACEMENT_STATES = (MemberState.ALIVE, MemberState.SUSPECT)
 """Members placement and routing count on: a suspect keeps its replicas until it is declared
 dead, so a brief suspicion (a busy machine) moves no model and refuses no request; if it is
@@ -128,6 +130,8 @@ class Node:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._metas: dict[bytes, NodeMeta | None] = {}
+        # deployment -> (valid until, {peer id: (Target, gossiped in-flight)}): see route()
+        self._holders: dict[str, tuple[float, dict[str, tuple[Target, int]]]] = {}
 
     @property
     def _table_path(self) -> Path:
@@ -523,24 +527,40 @@ class Node:
         ModelNotFound for an unknown deployment; ModelUnavailable (or ModelFailed) when no
         live member has a ready replica."""
         self._get(name)
+        targets: dict[str, Target] = {}
         loads: dict[str, int] = {}
-        where: dict[str, tuple[str, str]] = {}
         local = self.replicas.get(name)
         if local is not None and local.state == "ready":
             loads[self.node_id] = self._local_in_flight()
-            where[self.node_id] = (self.name, "")
-        for node_id, meta, load in self._peers(_PLACEMENT_STATES):
-            if (name, "ready") in meta.replicas:
-                loads[node_id] = _in_flight(load)
-                where[node_id] = (meta.name, self.peer_url(meta))
+            targets[self.node_id] = Target(self.node_id, self.name, "", True)
+        for node_id, (target, load) in self._peer_holders(name).items():
+            targets[node_id] = target
+            loads[node_id] = load
         if not loads:
             if local is not None:
                 local.session()  # raises ModelFailed / ModelUnavailable saying why
             view = self.view(name)
             why = view.message or "its replica is still loading"
             raise ModelUnavailable(f"model {name!r} has no ready replica: {why}; retry shortly")
-        return [Target(n, where[n][0], where[n][1], n == self.node_id)
-                for n in self.router.order(name, key, loads)]
+        return [targets[n] for n in self.router.order(name, key, loads)]
+
+    def _peer_holders(self, name: str) -> dict[str, tuple[Target, int]]:
+        """Peers with a ready replica of `name` and their gossiped in-flight counts, reused for
+        HOLDERS_TTL_S: gossip refreshes them no faster (loads ride on probes and acks), a
+        holder that died meanwhile fails at connect and the next one is tried, and this
+        node's own in-flight counts (Router.forwarded) stay live on top."""
+        now = time.monotonic()
+        cached = self._holders.get(name)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        holders = {node_id: (Target(node_id, meta.name, self.peer_url(meta), False),
+                             _in_flight(load))
+                   for node_id, meta, load in self._peers(_PLACEMENT_STATES)
+                   if (name, "ready") in meta.replicas}
+        if len(self._holders) > 1024:
+            self._holders.clear()
+        self._holders[name] = (now + HOLDERS_TTL_S, holders)
+        return holders
 
     def replica(self, name: str) -> Replica:
         """This node's replica of `name`; ModelNotFound if there is no such deployment,

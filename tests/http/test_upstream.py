@@ -7,6 +7,7 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import msgspec
 import pytest
 from aiohttp import web
 
@@ -236,3 +237,143 @@ async def test_https_with_the_given_context(tmp_path: Path) -> None:
                 await up.request("GET", base, "/")
     finally:
         await runner.cleanup()
+
+
+class _Out:
+    """Where a splice writes: the bytes a client would receive."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+
+def _decode_answer(raw: bytes) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    """Head lines and the body (framing removed) of one HTTP/1.1 answer, strictly."""
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(b":") for x in lines[1:])}
+    if headers.get(b"transfer-encoding") == b"chunked":
+        body = b""
+        while True:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line, 16)
+            if size == 0:
+                assert rest == b"\r\n", rest  # nothing after the end
+                return lines[0], headers, body
+            body += rest[:size]
+            assert rest[size:size + 2] == b"\r\n"
+            rest = rest[size + 2:]
+    assert len(rest) == int(headers[b"content-length"])
+    return lines[0], headers, rest
+
+
+async def test_splice_passes_answers_through_and_pools(server: dict[str, object]) -> None:
+    async with Upstream() as up:
+        for base in (str(server["tcp"]), str(server["unix"])):
+            for i in range(3):
+                out = _Out()
+                body = b'{"a": 1}' * (i + 1)
+                done = await up.splice("POST", base, "/echo", body, {"X-Request-Id": "r9"},
+                                       out, extra_head=b"Connection: close\r\n")  # type: ignore[arg-type]
+                assert (done.outcome, done.status, done.keep_alive) == ("done", 200, True)
+                status, headers, got = _decode_answer(out.data)
+                assert status == b"HTTP/1.1 200 OK" and headers[b"connection"] == b"close"
+                assert msgspec.json.decode(got) == {"len": len(body), "ct": "application/octet-stream", "rid": "r9"}
+            assert len(up._idle[base]) == 1  # one connection, reused
+        out = _Out()
+        done = await up.splice("GET", str(server["tcp"]), "/stream?n=40&size=3", b"", None,
+                               out)  # type: ignore[arg-type]
+        assert done.outcome == "done"
+        _, headers, got = _decode_answer(out.data)
+        assert headers[b"transfer-encoding"] == b"chunked"
+        assert got == b"".join(f"data: {i}\n\n".encode() + b"xxx" for i in range(40))
+        assert len(up._idle[str(server["tcp"])]) == 1
+
+
+async def _raw_server(answer: bytes, *, byte_by_byte: bool = False):
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        for part in ([answer[i:i + 1] for i in range(len(answer))] if byte_by_byte
+                     else [answer]):
+            writer.write(part)
+            await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize("answer, retry_503, outcome, at_boundary, written", [
+    (b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\n\r\nno", True, "retry", False,
+     b""),
+    (b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\n\r\nno", False, "done", False,
+     None),
+    (CHUNKED_HEAD + b"5\r\nhello\r\n", False, "broken", True, None),
+    (CHUNKED_HEAD + b"5\r\nhel", False, "broken", False, None),
+    (CHUNKED_HEAD + b"zz\r\n", False, "broken", False, CHUNKED_HEAD),  # garbage not passed
+    (b"garbage\r\n\r\n", False, "failed", False, b""),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", False, "broken", False, None),
+    (b"", False, "failed", False, b""),
+    (CHUNKED_HEAD + b"5;ext=1\r\nhello\r\n0\r\nTrailer: x\r\n\r\n", False, "done", False, None),
+])
+@pytest.mark.parametrize("byte_by_byte", [False, True])
+async def test_splice_outcomes(answer: bytes, retry_503: bool, outcome: str,
+                               at_boundary: bool, written: bytes | None,
+                               byte_by_byte: bool) -> None:
+    srv = await _raw_server(answer, byte_by_byte=byte_by_byte)
+    base = f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}"
+    try:
+        async with Upstream() as up:
+            out = _Out()
+            done = await up.splice("POST", base, "/x", b"{}", None, out,  # type: ignore[arg-type]
+                                   retry_503=retry_503)
+            assert (done.outcome, done.at_boundary) == (outcome, at_boundary)
+            assert out.data == (answer if written is None else written)
+            if outcome != "done":  # a whole answer may be pooled (the close comes after)
+                assert not up._idle.get(base)
+    finally:
+        srv.close()
+        await srv.wait_closed()
+
+
+async def test_splice_check_refuses_before_sending(server: dict[str, object]) -> None:
+    async with Upstream() as up:
+        out = _Out()
+        done = await up.splice("POST", str(server["tcp"]), "/echo", b"1", None, out,  # type: ignore[arg-type]
+                               check=lambda ssl_object: False)
+        assert done.outcome == "refused" and out.data == b""
+    assert server["bodies"] == []  # nothing was sent
+
+
+async def test_splice_retries_a_stale_pooled_connection(server: dict[str, object]) -> None:
+    base = str(server["tcp"])
+    async with Upstream() as up:
+        assert (await up.splice("POST", base, "/echo", b"1", None, _Out())).outcome == "done"  # type: ignore[arg-type]
+        conn = up._idle[base][0]
+        deadline = asyncio.get_running_loop().time() + 5
+        while conn.usable:  # the server closes it after its 0.3 s keep-alive
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+        out = _Out()
+        assert (await up.splice("POST", base, "/echo", b"22", None, out)).outcome == "done"  # type: ignore[arg-type]
+    assert server["bodies"] == [b"1", b"22"]  # sent once each
+
+
+async def test_splice_cancelled_closes_the_connection(server: dict[str, object]) -> None:
+    async with Upstream() as up:
+        out = _Out()
+        task = asyncio.ensure_future(up.splice("GET", str(server["tcp"]), "/slow", b"", None,
+                                               out))  # type: ignore[arg-type]
+        async with asyncio.timeout(5):
+            while b"first" not in out.data:
+                await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not up._idle.get(str(server["tcp"]))
+        async with asyncio.timeout(5):
+            await server["cancelled"].wait()  # type: ignore[attr-defined]
