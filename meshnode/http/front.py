@@ -30,6 +30,7 @@ import ssl
 import time
 from email.utils import formatdate
 from http import HTTPStatus
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -51,7 +52,8 @@ from .errors import error_parts, exception_parts
 from .forward import ENGINE_UPSTREAM, FORWARD_UPSTREAM, HOP_MODE
 from .keys import NODE
 from .middleware import request_id
-from .passthrough import Call, dispatch
+from .passthrough import Call, dispatch, forward_headers, tls_check, upstream_lost_event
+from .upstream import SpliceHandle
 
 __all__ = ["HEAD_MAX", "KEEPALIVE_S", "FrontSite"]
 
@@ -165,7 +167,7 @@ class _Front:
     def _sweep(self) -> None:
         """Close connections idle for KEEPALIVE_S (checked every KEEPALIVE_S / 4)."""
         deadline = self.loop.time() - KEEPALIVE_S
-        for conn in [c for c in self.conns if c.task is None and c.idle_since < deadline]:
+        for conn in [c for c in self.conns if not c.busy and c.idle_since < deadline]:
             conn.abort()
         self._sweeper = self.loop.call_later(KEEPALIVE_S / 4, self._sweep)
 
@@ -180,9 +182,10 @@ class _Front:
         self.closing = True
         self._sweeper.cancel()
         for conn in list(self.conns):
-            if conn.task is None:
+            if not conn.busy:
                 conn.abort()
-        busy = [c.task for c in self.conns if c.task is not None]
+        busy: list[asyncio.Future[Any]] = [c.task for c in self.conns if c.task is not None]
+        busy += [c.active.done for c in self.conns if c.active is not None]
         if busy:
             await asyncio.wait(busy, timeout=timeout_s)
         for conn in list(self.conns):
@@ -199,6 +202,7 @@ class _Conn(asyncio.Protocol):
         self.pending: _Request | None = None  # head parsed, body still arriving
         self.head_end = 0
         self.task: asyncio.Task[None] | None = None
+        self.active: SpliceHandle | None = None  # a peer's answer spliced in, without a task
         self.idle_since = 0.0  # loop time the connection last became idle
         self.reading_paused = False
         self.writable: asyncio.Future[None] | None = None  # set while writing is paused
@@ -213,9 +217,13 @@ class _Conn(asyncio.Protocol):
         self.front.conns.add(self)
         self.idle_since = self.front.loop.time()
 
+    @property
+    def busy(self) -> bool:
+        return self.task is not None or self.active is not None
+
     def data_received(self, data: bytes) -> None:
         self.buf += data
-        if self.task is None:
+        if not self.busy:
             self._next()
         elif len(self.buf) > PIPELINE_MAX and not self.reading_paused:
             self.reading_paused = True
@@ -230,6 +238,8 @@ class _Conn(asyncio.Protocol):
         self.front.conns.discard(self)
         if self.task is not None:
             self.task.cancel()
+        if self.active is not None:
+            self.active.abort()  # its callback sees `gone`
         if self.writable is not None and not self.writable.done():
             self.writable.set_exception(ConnectionResetError("client went away"))
 
@@ -297,15 +307,67 @@ class _Conn(asyncio.Protocol):
             return self._hand_over()  # internal.peer_middleware answers 403 and closes
         del buf[:size]
         self.pending = None
+        call, key = self.front.call(req), request_key(decoded)
+        if not call.served_here and self._splice_now(call, decoded.model, path, body, key,
+                                                     req.close):
+            return
         self.task = self.front.loop.create_task(
-            self._answer(self.front.call(req), decoded.model, path, body,
-                         request_key(decoded), req.close))
+            self._answer(call, decoded.model, path, body, key, req.close))
+
+    def _splice_now(self, call: Call, name: str, path: str, body: bytes, key: bytes,
+                    close: bool) -> bool:
+        """The common forward without a task: the first target is a peer with an idle pooled
+        connection, so the request leaves before this returns and the answer is spliced in
+        by that connection's callbacks. False (nothing done) for every other case."""
+        try:
+            targets = self.front.node.route(name, key)
+        except (EngineError, NodeError):
+            return False  # the task path answers the error
+        first, peers = targets[0], self.front.peers
+        if first.local or peers is None or self.transport is None:
+            return False
+        sink = _Sink(self, close or self.front.closing)
+        handle = peers.splice_now(
+            "POST", first.url, path, body, forward_headers(call), self.transport,
+            sink.extra_head, len(targets) > 1, tls_check(call.node, first), self.set_source)
+        if handle is None:
+            return False
+        forwarded = call.node.router.forwarded
+        forwarded[first.node_id] += 1
+        self.active = handle
+
+        def spliced(_: object) -> None:
+            self.active = None
+            forwarded[first.node_id] -= 1
+            if forwarded[first.node_id] <= 0:
+                del forwarded[first.node_id]
+            done = handle.finish()
+            if self.gone:
+                return
+            if done.outcome in ("done", "broken"):
+                sink.spliced(done.keep_alive and done.outcome == "done")
+                if done.at_boundary:  # between two chunks: end the stream with an error event
+                    event = upstream_lost_event(first)
+                    self.transport.write(  # type: ignore[union-attr]
+                        b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))
+                if done.outcome == "broken":
+                    log.info("forward.broken", node=first.name, request_id=call.rid)
+                return self._done(sink)
+            # Nothing was written: the task path tries again (elsewhere unless it was stale).
+            log.info("forward.retry", node=first.name, outcome=done.outcome,
+                     request_id=call.rid)
+            exclude = None if done.outcome == "stale" else first.node_id
+            self.task = self.front.loop.create_task(
+                self._answer(call, name, path, body, key, close, exclude))
+
+        handle.done.add_done_callback(spliced)
+        return True
 
     async def _answer(self, call: Call, name: str, path: str, body: bytes, key: bytes,
-                      close: bool) -> None:
+                      close: bool, exclude: str | None = None) -> None:
         sink = _Sink(self, close or self.front.closing)
         try:
-            await dispatch(call, name, path, body, key, sink)
+            await dispatch(call, name, path, body, key, sink, exclude)
         except (EngineError, NodeError) as exc:
             if not sink.started:
                 status, headers, data = exception_parts(exc)
@@ -322,6 +384,10 @@ class _Conn(asyncio.Protocol):
                 await sink.respond(status, {**headers, "X-Request-Id": call.rid}, data)
             sink.close_after = True
         self.task = None
+        self._done(sink)
+
+    def _done(self, sink: _Sink) -> None:
+        """An answer is complete: close, or wait for (or start on) the next request."""
         if self.gone:
             return
         if sink.close_after or self.front.closing:

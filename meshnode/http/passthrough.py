@@ -20,6 +20,7 @@ node's before passing a peer's answer on.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Protocol
 
 import msgspec
@@ -29,7 +30,8 @@ from meshnode.node import ModelUnavailable, Node, Replica, Target
 
 from .upstream import Spliced, Upstream, UpstreamError, UpstreamResponse
 
-__all__ = ["HOP_HEADER", "Call", "Sink", "dispatch"]
+__all__ = ["HOP_HEADER", "Call", "Sink", "dispatch", "forward_headers", "tls_check",
+           "upstream_lost_event"]
 
 log = structlog.get_logger("meshnode.http")
 
@@ -91,13 +93,14 @@ class Call:
 
 
 async def dispatch(call: Call, name: str, path: str, body: bytes, key: bytes,
-                   sink: Sink) -> None:
-    """Answer the request for deployment `name` (routing `key`) into `sink`. Raises the node's
-    or the engines' errors when nothing was sent yet (no replica, engine crashed)."""
+                   sink: Sink, exclude: str | None = None) -> None:
+    """Answer the request for deployment `name` (routing `key`) into `sink`, trying every
+    target but node `exclude` (one that already failed). Raises the node's or the engines'
+    errors when nothing was sent yet (no replica, engine crashed)."""
     node = call.node
     if call.served_here:
         return await relay(call, node.replica(name), path, body, sink)
-    targets = node.route(name, key)
+    targets = [t for t in node.route(name, key) if t.node_id != exclude]
     last: ModelUnavailable | None = None
     for i, target in enumerate(targets):
         final = i == len(targets) - 1
@@ -168,13 +171,33 @@ def _peer_tls_ok(node: Node, ssl_object: object, target: Target) -> bool:
     return True
 
 
+def forward_headers(call: Call) -> dict[str, str]:
+    """The headers a request is forwarded to a peer with."""
+    headers = {HOP_HEADER: "1", "X-Request-Id": call.rid, "Content-Type": "application/json"}
+    if call.authorization is not None:
+        headers["Authorization"] = call.authorization
+    return headers
+
+
+def tls_check(node: Node, target: Target) -> Callable[[object], bool] | None:
+    """For Upstream.splice: in a signed cluster, whether a connection's TLS peer is `target`."""
+    if node.security is None:
+        return None
+    return lambda ssl_object: _peer_tls_ok(node, ssl_object, target)
+
+
+def upstream_lost_event(target: Target) -> bytes:
+    """The last SSE event of a stream whose peer went away between two chunks."""
+    return b"data: " + _encode({"error": {
+        "message": f"node {target.name} went away while streaming; retry the request",
+        "type": "server_error", "param": None, "code": "upstream_lost"}}) + b"\n\n"
+
+
 async def _forward(call: Call, target: Target, path: str, body: bytes, final: bool,
                    sink: Sink) -> bool:
     """Pass the peer's answer on (True), or False to try the next target: it failed before
     its first byte (unreachable, or 503 when others remain)."""
-    headers = {HOP_HEADER: "1", "X-Request-Id": call.rid, "Content-Type": "application/json"}
-    if call.authorization is not None:
-        headers["Authorization"] = call.authorization
+    headers = forward_headers(call)
     assert call.peers is not None, "a Call that may forward needs the peers' pool"
     forwarded = call.node.router.forwarded  # in flight per target (Router.track, inlined)
     forwarded[target.node_id] += 1
@@ -212,10 +235,7 @@ async def _forward(call: Call, target: Target, path: str, body: bytes, final: bo
                 async for chunk in upstream.iter_chunks():
                     await sink.write(chunk)
             except UpstreamError:
-                await sink.write(b"data: " + _encode({"error": {
-                    "message": f"node {target.name} went away while streaming; retry the "
-                               "request", "type": "server_error", "param": None,
-                    "code": "upstream_lost"}}) + b"\n\n")
+                await sink.write(upstream_lost_event(target))
             upstream.release()
             await sink.close()
             return True
@@ -232,12 +252,9 @@ async def _splice(call: Call, target: Target, path: str, body: bytes, headers: d
     """_forward's way for a sink over a raw socket: the peer's answer, head included, is
     written to the client as it arrives (the peer already set X-Request-Id, X-Served-By)."""
     assert call.peers is not None and sink.transport is not None
-    node = call.node
-    check = None if node.security is None else (
-        lambda ssl_object: _peer_tls_ok(node, ssl_object, target))
     done: Spliced = await call.peers.splice(
         "POST", target.url, path, body, headers, sink.transport, extra_head=sink.extra_head,
-        retry_503=not final, check=check, on_source=sink.on_source)
+        retry_503=not final, check=tls_check(call.node, target), on_source=sink.on_source)
     match done.outcome:
         case "done":
             sink.spliced(done.keep_alive)
@@ -245,10 +262,7 @@ async def _splice(call: Call, target: Target, path: str, body: bytes, headers: d
         case "broken":
             sink.spliced(False)
             if done.at_boundary:  # between two chunks: end the stream with an error event
-                await sink.write(b"data: " + _encode({"error": {
-                    "message": f"node {target.name} went away while streaming; retry the "
-                               "request", "type": "server_error", "param": None,
-                    "code": "upstream_lost"}}) + b"\n\n")
+                await sink.write(upstream_lost_event(target))
                 await sink.close()
             log.info("forward.broken", node=target.name, request_id=call.rid)
             return True

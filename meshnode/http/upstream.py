@@ -31,7 +31,7 @@ from typing import Any, Self
 
 import msgspec
 
-__all__ = ["Spliced", "Upstream", "UpstreamError", "UpstreamResponse"]
+__all__ = ["SpliceHandle", "Spliced", "Upstream", "UpstreamError", "UpstreamResponse"]
 
 HEAD_MAX = 64 * 1024
 """Largest response head (status line + headers) accepted."""
@@ -393,49 +393,102 @@ class Upstream:
         refuses (its TLS session), or one that fails, gives an outcome to try elsewhere
         ("retry", "refused", "failed"); `on_source` is told the upstream transport while the
         answer flows (the client side pauses and resumes its reading: backpressure)."""
-        data = _encode_request(method, base, path, body, headers)
-        conn = self._get(base)
-        fresh = conn is None
-        try:
-            if conn is None:
-                conn = await self._connect(base)
-            while True:
-                transport = conn.transport
-                if transport is None:
-                    return Spliced("failed")
-                if check is not None and not check(transport.get_extra_info("ssl_object")):
-                    conn.close()
-                    return Spliced("refused")
-                splice = conn.splice = _Splice(out, extra_head, retry_503)
-                transport.write(data)
-                if on_source is not None:
-                    on_source(transport)
-                try:
-                    done = await splice.done
-                finally:
-                    conn.splice = None
-                    if on_source is not None:
-                        on_source(None)
-                if done.outcome == "stale" and not fresh:
-                    conn.close()
-                    conn, fresh = await self._connect(base), True
-                    continue
-                if done.outcome == "stale":
-                    done = Spliced("failed")
-                if done.outcome == "done" and done.keep_alive:
-                    conn.received = 0
-                    self._put(base, conn)
-                else:
-                    conn.close()
+        args = (method, base, path, body, headers, out, extra_head, retry_503, check, on_source)
+        handle = self.splice_now(*args)
+        if handle is not None:
+            done = await handle.wait()
+            if done.outcome != "stale":
                 return done
+        try:  # no idle connection, or it had been closed while idle: a fresh one
+            conn = await self._connect(base)
         except UpstreamError:
-            if conn is not None:
-                conn.close()
             return Spliced("failed")
+        handle = self._begin(conn, *args)
+        if handle is None:
+            return Spliced("refused")
+        done = await handle.wait()
+        return Spliced("failed") if done.outcome == "stale" else done
+
+    def splice_now(self, method: str, base: str, path: str, body: bytes,
+                   headers: Mapping[str, str] | None, out: asyncio.Transport,
+                   extra_head: bytes = b"", retry_503: bool = False,
+                   check: Callable[[ssl.SSLObject | None], bool] | None = None,
+                   on_source: Callable[[asyncio.Transport | None], None] | None = None,
+                   ) -> SpliceHandle | None:
+        """`splice` without awaiting: on an idle pooled connection only (None when there is
+        none, or `check` refuses it), the request is written before this returns. The handle's
+        `done` resolves with how it ended ("stale": the pooled connection had been closed by
+        the peer and nothing was processed; try `splice`); then call its `finish()`."""
+        conn = self._get(base)
+        if conn is None:
+            return None
+        return self._begin(conn, method, base, path, body, headers, out, extra_head,
+                           retry_503, check, on_source)
+
+    def _begin(self, conn: _Conn, method: str, base: str, path: str, body: bytes,
+               headers: Mapping[str, str] | None, out: asyncio.Transport, extra_head: bytes,
+               retry_503: bool, check: Callable[[ssl.SSLObject | None], bool] | None,
+               on_source: Callable[[asyncio.Transport | None], None] | None,
+               ) -> SpliceHandle | None:
+        transport = conn.transport
+        if transport is None or (check is not None
+                                 and not check(transport.get_extra_info("ssl_object"))):
+            conn.close()
+            return None
+        data = _encode_request(method, base, path, body, headers)
+        splice = conn.splice = _Splice(out, extra_head, retry_503)
+        transport.write(data)
+        if on_source is not None:
+            on_source(transport)
+        return SpliceHandle(self, base, conn, splice, on_source)
+
+
+class SpliceHandle:
+    """A splice in flight (Upstream.splice_now)."""
+
+    __slots__ = ("_base", "_conn", "_on_source", "_splice", "_upstream")
+
+    def __init__(self, upstream: Upstream, base: str, conn: _Conn, splice: _Splice,
+                 on_source: Callable[[asyncio.Transport | None], None] | None) -> None:
+        self._upstream = upstream
+        self._base = base
+        self._conn = conn
+        self._splice = splice
+        self._on_source = on_source
+
+    @property
+    def done(self) -> asyncio.Future[Spliced]:
+        return self._splice.done
+
+    def finish(self) -> Spliced:
+        """Once `done`: the connection goes back to the pool (a whole answer, reusable) or is
+        closed; how the splice ended."""
+        conn = self._conn
+        conn.splice = None
+        if self._on_source is not None:
+            self._on_source(None)
+            self._on_source = None
+        done = self._splice.done.result()
+        if done.outcome == "done" and done.keep_alive and conn.transport is not None:
+            conn.received = 0
+            self._upstream._put(self._base, conn)
+        else:
+            conn.close()
+        return done
+
+    def abort(self) -> None:
+        """Drop the upstream connection now (the client went away): the peer sees it."""
+        self._conn.close()
+        self._splice.lost(None)
+
+    async def wait(self) -> Spliced:
+        try:
+            await self._splice.done
         except BaseException:
-            if conn is not None:
-                conn.close()  # cancelled: the peer sees us go away
+            self.abort()  # cancelled: the peer sees us go away
+            self.finish()
             raise
+        return self.finish()
 
 
 def _encode_request(method: str, base: str, path: str, body: bytes,

@@ -130,6 +130,7 @@ class Node:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._metas: dict[bytes, NodeMeta | None] = {}
+        self._abilities: dict[str, tuple[int, tuple[str, ...]]] = {}  # name -> (version, ..)
         # deployment -> (valid until, {peer id: (Target, gossiped in-flight)}): see route()
         self._holders: dict[str, tuple[float, dict[str, tuple[Target, int]]]] = {}
 
@@ -517,9 +518,16 @@ class Node:
         replica = self.replicas.get(name)
         if replica is not None:
             return replica.abilities
+        cached = self._abilities.get(name)
+        if cached is not None and cached[0] == d.version:
+            return cached[1]  # a model given by path is not re-read on every request
         abilities = tuple(_spec_for(d).abilities)
-        return abilities + ("chat",) if d.chat_template and "chat" not in abilities \
-            else abilities
+        if d.chat_template and "chat" not in abilities:
+            abilities += ("chat",)
+        if len(self._abilities) > 1024:
+            self._abilities.clear()
+        self._abilities[name] = (d.version, abilities)
+        return abilities
 
     def route(self, name: str, key: bytes) -> list[Target]:
         """The nodes to try for a request to deployment `name` with routing `key`, in order.
