@@ -16,7 +16,8 @@ from .errors import (
     NodeError,
 )
 from .keys import INTERNAL_KEYS_PATH, ApiKey, CreateKeyRequest, KeyStore, KeyTable, new_key
-from .node import DeploymentView, Node, NodeState, Target
+from .node import DeploymentView, Node, NodeState
+from .peers import Target
 from .replicas import Replica, ReplicaStatus
 from .router import Router, request_key
 from .security import INTERNAL_REVOCATION_PATH, ClusterSecurity, is_loopback, load_security

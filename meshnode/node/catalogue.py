@@ -16,9 +16,10 @@ from typing import Literal
 
 import msgspec
 
-from .errors import InvalidDeployment, ModelNotFound
+from .errors import InvalidDeployment, ModelNotFound, NodeError
 
-__all__ = ["CATALOGUE", "ModelSource", "ModelSpec", "find_spec", "locate"]
+__all__ = ["CATALOGUE", "ModelSource", "ModelSpec", "deployment_spec", "find_spec", "locate",
+           "size_mb"]
 
 Ability = Literal["chat", "completion", "embed", "rerank"]
 
@@ -105,6 +106,23 @@ def find_spec(model: str) -> ModelSpec:
     known = ", ".join(sorted(CATALOGUE))
     raise ModelNotFound(f"unknown model {model!r}: known models are {known}; "
                         "or give the path of a local .gguf file")
+
+
+def deployment_spec(model: str, name: str, context_length: int) -> ModelSpec:
+    """The spec of a deployment's model on this node; a path missing here becomes a spec
+    whose replica fails with 'model file not found' (shown in the deployment's view)."""
+    try:
+        return find_spec(model)
+    except NodeError:
+        return ModelSpec(name=name, family="local", abilities=("chat", "completion"),
+                         context_length=context_length, formats=("gguf",),
+                         source=ModelSource(kind="path", file=model))
+
+
+def size_mb(model: str) -> int:
+    """The catalogue's size of `model` in MB (0 for a model given by path)."""
+    spec = CATALOGUE.get(model)
+    return spec.size_mb if spec is not None else 0
 
 
 # GGUF metadata value types (gguf.GGUFValueType) -> struct format of a scalar.

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import functools
 import shutil
 import tempfile
 import time
@@ -29,10 +28,8 @@ import structlog
 from meshnode import __version__
 from meshnode.engines import (
     EngineOption,
-    EngineUnsupported,
     Hardware,
     SupervisorConfig,
-    choose_engine,
     detect_hardware,
     probe_engines,
 )
@@ -40,8 +37,8 @@ from meshnode.mesh import MemberState
 from meshnode.mesh.crypto_errors import RevocationError, SecurityError
 from meshnode.mesh.identity import NodeIdentity
 
-from . import placement
-from .catalogue import CATALOGUE, ModelSource, ModelSpec, find_spec, valid_name
+from . import engine_choice, placement
+from .catalogue import CATALOGUE, ModelSpec, deployment_spec, find_spec, size_mb, valid_name
 from .cluster import Cluster, MemberView, NodeLoad, NodeMeta
 from .config import NodeConfig
 from .deployments import Deployment, DeploymentTable, LaunchRequest
@@ -51,16 +48,16 @@ from .errors import (
     InvalidDeployment,
     ModelNotFound,
     ModelUnavailable,
-    NodeError,
 )
 from .keysync import NodeKeys
+from .peers import PLACEMENT_STATES, PeerView, Target
 from .replicas import Replica, ReplicaStatus
 from .router import Router
 from .security import INTERNAL_REVOCATION_PATH, ClusterSecurity
 from .sync import DeploymentSync, Peer, TableSync, encode_entries
 from .views import DeploymentView, deployment_status
 
-__all__ = ["DeploymentView", "Node", "NodeState", "Target"]
+__all__ = ["DeploymentView", "Node", "NodeState"]
 
 log = structlog.get_logger("meshnode.node")
 
@@ -71,23 +68,6 @@ class NodeState(enum.StrEnum):
     CLOSED = "closed"
 
 
-class Target(msgspec.Struct, frozen=True):
-    """A node to send a request to: this one (`local`) or a peer at `url`."""
-
-    node_id: str
-    name: str
-    url: str
-    local: bool
-
-
-HOLDERS_TTL_S = 0.05
-"""How long route() reuses a deployment's list of ready peers and their gossiped loads."""
-_PLACEMENT_STATES = (MemberState.ALIVE, MemberState.SUSPECT)
-"""Members placement and routing count on: a suspect keeps its replicas until it is declared
-dead, so a brief suspicion (a busy machine) moves no model and refuses no request; if it is
-really gone, forwarding to it fails at connect and the next replica on the ring is tried."""
-_meta_decoder = msgspec.msgpack.Decoder(NodeMeta)
-_load_decoder = msgspec.msgpack.Decoder(NodeLoad)
 
 
 class Node:
@@ -129,10 +109,8 @@ class Node:
                                  ssl_context=ssl_context, verify=verify)
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._metas: dict[bytes, NodeMeta | None] = {}
+        self.peers = PeerView(lambda: self.node_id, lambda: self.cluster, security)
         self._abilities: dict[str, tuple[int, tuple[str, ...]]] = {}  # name -> (version, ..)
-        # deployment -> (valid until, {peer id: (Target, gossiped in-flight)}): see route()
-        self._holders: dict[str, tuple[float, dict[str, tuple[Target, int]]]] = {}
 
     @property
     def _table_path(self) -> Path:
@@ -231,48 +209,14 @@ class Node:
     def members(self) -> list[MemberView]:
         return self.cluster.members() if self.cluster is not None else []
 
-    def _decode_meta(self, data: bytes) -> NodeMeta | None:
-        try:
-            return self._metas[data]
-        except KeyError:
-            pass
-        if len(self._metas) > 1024:
-            self._metas.clear()
-        try:
-            meta: NodeMeta | None = _meta_decoder.decode(data) if data else None
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            meta = None
-        self._metas[data] = meta
-        return meta
-
-    def _peers(self, states: tuple[MemberState, ...]) -> list[tuple[str, NodeMeta, bytes]]:
-        """(node id, meta, load bytes) of the other members in `states` with a valid meta."""
-        if self.cluster is None:
-            return []
-        out = []
-        security = self.security
-        for m in self.cluster.mesh.members():
-            if m.node_id == self.node_id or m.state not in states:
-                continue
-            if security is not None and security.is_revoked(m.node_id):
-                continue
-            meta = self._decode_meta(m.meta)
-            if meta is not None:
-                out.append((m.node_id, meta, m.load))
-        return out
-
     def _placement_view(self) -> dict[str, NodeMeta]:
         """Node id -> meta of every member placement counts on, this node included (fresh)."""
-        view = {node_id: meta for node_id, meta, _ in self._peers(_PLACEMENT_STATES)}
+        view = {node_id: meta for node_id, meta, _ in self.peers.peers(PLACEMENT_STATES)}
         view[self.node_id] = self._meta()
         return view
 
     def peer_url(self, meta: NodeMeta) -> str:
-        """Base URL for node-to-node calls to a peer: its internal mTLS listener in a signed
-        cluster, its public API in an open one."""
-        if self.security is not None:
-            return f"https://{meta.http_host}:{meta.internal_port}"
-        return f"http://{meta.http_host}:{meta.http_port}"
+        return self.peers.url(meta)
 
     def verify_peer_tls(self, ssl_object: object, node_id: str) -> None:
         """Raise unless the TLS peer is node `node_id` of this cluster and not revoked
@@ -335,18 +279,14 @@ class Node:
             try:
                 if self.deployments.purge():
                     self._table_changed()
-                self.sync.check(
-                    Peer(node_id, self.peer_url(meta), meta.deployments_digest)
-                    for node_id, meta, _ in self._peers((MemberState.ALIVE,)))
+                alive = [(node_id, self.peer_url(meta), meta)
+                         for node_id, meta, _ in self.peers.peers((MemberState.ALIVE,))]
+                self.sync.check(Peer(i, url, m.deployments_digest) for i, url, m in alive)
                 if self.revocation_sync is not None and self.security is not None:
                     ours = self.security.revocation_seq
-                    self.revocation_sync.check(
-                        Peer(node_id, self.peer_url(meta), str(meta.revocation_seq))
-                        for node_id, meta, _ in self._peers((MemberState.ALIVE,))
-                        if meta.revocation_seq > ours)
-                self.api_keys.check(
-                    Peer(node_id, self.peer_url(meta), meta.keys_digest)
-                    for node_id, meta, _ in self._peers((MemberState.ALIVE,)))
+                    self.revocation_sync.check(Peer(i, url, str(m.revocation_seq))
+                                               for i, url, m in alive if m.revocation_seq > ours)
+                self.api_keys.check(Peer(i, url, m.keys_digest) for i, url, m in alive)
                 await self._reconcile()
             except Exception:  # a bug here must not stop placement for good
                 log.exception("reconcile.failed")
@@ -369,7 +309,7 @@ class Node:
                     log.info("replica.unload", model=name,
                              reason="stopped" if d is None else "changed")
             for d in live.values():
-                chosen = placement.holders(d, view, _size_mb(d))
+                chosen = placement.holders(d, view, size_mb(d.model))
                 replica = self.replicas.get(d.name)
                 if self.node_id in chosen:
                     if replica is None:
@@ -388,7 +328,7 @@ class Node:
 
     async def _start_replica(self, deployment: Deployment) -> None:
         python = self.config.engine_pythons.get(deployment.engine, "")
-        replica = Replica(deployment, _spec_for(deployment), node_name=self.name,
+        replica = Replica(deployment, deployment_spec(deployment.model, deployment.name, deployment.context_length), node_name=self.name,
                           data_dir=self.data_dir, run_dir=self._run_dir or self.data_dir,
                           threads=self.config.engine_threads, supervisor=self._supervisor,
                           python=python, prompt_cache_mb=self.config.prompt_cache_mb)
@@ -461,32 +401,12 @@ class Node:
 
     def _choose_engine(self, spec: ModelSpec, forced: str | None) -> EngineOption:
         assert self.hardware is not None
-        try:
-            return choose_engine(spec.formats, spec.abilities, forced, self.engines,
-                                 self.hardware)
-        except EngineUnsupported as exc:
-            raise InvalidDeployment(f"cannot run {spec.name!r}: {exc}", param="engine") from None
+        return engine_choice.choose(spec, forced, self.engines, self.hardware)
 
     def engine_options(self, model: str) -> list[dict[str, object]]:
         """For GET /v1/engines: each engine, whether it could run `model` here, and why not."""
-        spec = find_spec(model)
         assert self.hardware is not None
-        rows: list[dict[str, object]] = []
-        for option in self.engines:
-            try:
-                choose_engine(spec.formats, spec.abilities, option.engine, self.engines,
-                              self.hardware)
-                rows.append({"engine": option.engine, "available": True, "reason": ""})
-            except EngineUnsupported as exc:
-                rows.append({"engine": option.engine, "available": False, "reason": str(exc)})
-        try:
-            best = self._choose_engine(spec, None).engine
-        except InvalidDeployment:
-            best = None
-        for row in rows:
-            row["default"] = row["engine"] == best
-            row["node"] = self.name
-        return rows
+        return engine_choice.options(find_spec(model), self.engines, self.hardware, self.name)
 
     # queries ----------------------------------------------------------------------------
 
@@ -503,7 +423,7 @@ class Node:
             else:
                 placed += [ReplicaStatus(node=meta.name, state=state)
                            for n, state in meta.replicas if n == name]
-        status, message = deployment_status(d, placed, members, _size_mb(d))
+        status, message = deployment_status(d, placed, members, size_mb(d.model))
         return DeploymentView(
             name=d.name, model=d.model, engine=d.engine, replicas=d.replicas,
             abilities=self.abilities(name), context_length=d.context_length, created=d.created,
@@ -521,7 +441,7 @@ class Node:
         cached = self._abilities.get(name)
         if cached is not None and cached[0] == d.version:
             return cached[1]  # a model given by path is not re-read on every request
-        abilities = tuple(_spec_for(d).abilities)
+        abilities = tuple(deployment_spec(d.model, d.name, d.context_length).abilities)
         if d.chat_template and "chat" not in abilities:
             abilities += ("chat",)
         if len(self._abilities) > 1024:
@@ -541,7 +461,7 @@ class Node:
         if local is not None and local.state == "ready":
             loads[self.node_id] = self._local_in_flight()
             targets[self.node_id] = Target(self.node_id, self.name, "", True)
-        for node_id, (target, load) in self._peer_holders(name).items():
+        for node_id, (target, load) in self.peers.holders(name).items():
             targets[node_id] = target
             loads[node_id] = load
         if not loads:
@@ -551,24 +471,6 @@ class Node:
             why = view.message or "its replica is still loading"
             raise ModelUnavailable(f"model {name!r} has no ready replica: {why}; retry shortly")
         return [targets[n] for n in self.router.order(name, key, loads)]
-
-    def _peer_holders(self, name: str) -> dict[str, tuple[Target, int]]:
-        """Peers with a ready replica of `name` and their gossiped in-flight counts, reused for
-        HOLDERS_TTL_S: gossip refreshes them no faster (loads ride on probes and acks), a
-        holder that died meanwhile fails at connect and the next one is tried, and this
-        node's own in-flight counts (Router.forwarded) stay live on top."""
-        now = time.monotonic()
-        cached = self._holders.get(name)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        holders = {node_id: (Target(node_id, meta.name, self.peer_url(meta), False),
-                             _in_flight(load))
-                   for node_id, meta, load in self._peers(_PLACEMENT_STATES)
-                   if (name, "ready") in meta.replicas}
-        if len(self._holders) > 1024:
-            self._holders.clear()
-        self._holders[name] = (now + HOLDERS_TTL_S, holders)
-        return holders
 
     def replica(self, name: str) -> Replica:
         """This node's replica of `name`; ModelNotFound if there is no such deployment,
@@ -592,27 +494,3 @@ class Node:
 def _shape(d: Deployment) -> tuple[object, ...]:
     """What a running replica depends on: a change of any of these restarts it."""
     return (d.model, d.engine, d.chat_template, d.context_length, d.created)
-
-
-def _size_mb(d: Deployment) -> int:
-    spec = CATALOGUE.get(d.model)
-    return spec.size_mb if spec is not None else 0
-
-
-def _spec_for(d: Deployment) -> ModelSpec:
-    """The spec of a deployment's model here; a path missing on this node becomes a spec
-    whose replica fails with 'model file not found' (shown in the view)."""
-    try:
-        return find_spec(d.model)
-    except NodeError:
-        return ModelSpec(name=d.name, family="local", abilities=("chat", "completion"),
-                         context_length=d.context_length, formats=("gguf",),
-                         source=ModelSource(kind="path", file=d.model))
-
-
-@functools.lru_cache(maxsize=1024)  # a peer's load bytes repeat until its load changes
-def _in_flight(load: bytes) -> int:
-    try:
-        return _load_decoder.decode(load).in_flight if load else 0
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return 0

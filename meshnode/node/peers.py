@@ -1,0 +1,120 @@
+"""What this node knows of its peers from gossip: their metas, addresses and ready replicas.
+
+The mesh carries each member's meta (NodeMeta, msgpack) and load (NodeLoad) as bytes; decoding
+them is cached by their bytes, which repeat until the peer changes them. Revoked members are
+left out. `holders(name)` is what routing asks on every request, so it is cached for
+HOLDERS_TTL_S.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+
+import msgspec
+
+from meshnode.mesh import MemberState
+
+from .cluster import Cluster, NodeLoad, NodeMeta
+from .security import ClusterSecurity
+
+__all__ = ["HOLDERS_TTL_S", "PLACEMENT_STATES", "PeerView", "Target"]
+
+HOLDERS_TTL_S = 0.05
+"""How long a deployment's list of ready peers and their gossiped loads is reused."""
+PLACEMENT_STATES = (MemberState.ALIVE, MemberState.SUSPECT)
+"""Members placement and routing count on: a suspect keeps its replicas until it is declared
+dead, so a brief suspicion (a busy machine) moves no model and refuses no request; if it is
+really gone, forwarding to it fails at connect and the next replica on the ring is tried."""
+_CACHE_MAX = 1024
+
+_meta_decoder = msgspec.msgpack.Decoder(NodeMeta)
+_load_decoder = msgspec.msgpack.Decoder(NodeLoad)
+
+
+class Target(msgspec.Struct, frozen=True):
+    """A node to send a request to: this one (`local`) or a peer at `url`."""
+
+    node_id: str
+    name: str
+    url: str
+    local: bool
+
+
+class PeerView:
+    """The other members as this node sees them (see the module docstring)."""
+
+    def __init__(self, node_id: Callable[[], str], cluster: Callable[[], Cluster | None],
+                 security: ClusterSecurity | None) -> None:
+        self._node_id = node_id
+        self._cluster = cluster
+        self._security = security
+        self._metas: dict[bytes, NodeMeta | None] = {}
+        # deployment -> (valid until, {peer id: (Target, gossiped in-flight)})
+        self._holders: dict[str, tuple[float, dict[str, tuple[Target, int]]]] = {}
+
+    def decode_meta(self, data: bytes) -> NodeMeta | None:
+        try:
+            return self._metas[data]
+        except KeyError:
+            pass
+        if len(self._metas) > _CACHE_MAX:
+            self._metas.clear()
+        try:
+            meta: NodeMeta | None = _meta_decoder.decode(data) if data else None
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            meta = None
+        self._metas[data] = meta
+        return meta
+
+    def peers(self, states: tuple[MemberState, ...]) -> list[tuple[str, NodeMeta, bytes]]:
+        """(node id, meta, load bytes) of the other members in `states` with a valid meta."""
+        cluster = self._cluster()
+        if cluster is None:
+            return []
+        out = []
+        me, security = self._node_id(), self._security
+        for m in cluster.mesh.members():
+            if m.node_id == me or m.state not in states:
+                continue
+            if security is not None and security.is_revoked(m.node_id):
+                continue
+            meta = self.decode_meta(m.meta)
+            if meta is not None:
+                out.append((m.node_id, meta, m.load))
+        return out
+
+    def url(self, meta: NodeMeta) -> str:
+        """Base URL for node-to-node calls to a peer: its internal mTLS listener in a signed
+        cluster, its public API in an open one."""
+        if self._security is not None:
+            return f"https://{meta.http_host}:{meta.internal_port}"
+        return f"http://{meta.http_host}:{meta.http_port}"
+
+    def holders(self, name: str) -> dict[str, tuple[Target, int]]:
+        """Peers with a ready replica of `name` and their gossiped in-flight counts, reused for
+        HOLDERS_TTL_S: gossip refreshes them no faster (loads ride on probes and acks), a
+        holder that died meanwhile fails at connect and the next one is tried, and this
+        node's own in-flight counts (Router.forwarded) stay live on top."""
+        now = time.monotonic()
+        cached = self._holders.get(name)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        holders = {node_id: (Target(node_id, meta.name, self.url(meta), False),
+                             in_flight(load))
+                   for node_id, meta, load in self.peers(PLACEMENT_STATES)
+                   if (name, "ready") in meta.replicas}
+        if len(self._holders) > _CACHE_MAX:
+            self._holders.clear()
+        self._holders[name] = (now + HOLDERS_TTL_S, holders)
+        return holders
+
+
+@functools.lru_cache(maxsize=_CACHE_MAX)  # a peer's load bytes repeat until its load changes
+def in_flight(load: bytes) -> int:
+    """The in-flight count in a peer's gossiped load; 0 if it cannot be read."""
+    try:
+        return _load_decoder.decode(load).in_flight if load else 0
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return 0
