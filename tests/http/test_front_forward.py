@@ -1,0 +1,195 @@
+"""The front's forwarding: retries before the first byte, splicing, pooling, cancellation.
+
+A unit test of routing: the node is a test double whose `route` names real peer servers on
+loopback (aiohttp apps answering 200, streams, 503, or a port that closes at once), and the
+front runs on a real socket in front of the real aiohttp app. The end-to-end versions (real
+nodes, real weights) are in tests/cluster/test_routing.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from meshnode.http import forward, openai_api
+from meshnode.http.front import FrontSite
+from meshnode.http.keys import NODE
+from meshnode.node import ModelUnavailable, NodeConfig, Router, Target
+
+BODY = {"model": "m", "prompt": "hello", "max_tokens": 1}
+
+
+class FakeNode:
+    """What the front and the dispatcher ask of a node, with a settable route."""
+
+    def __init__(self) -> None:
+        self.name = "entry"
+        self.node_id = "entry-id"
+        self.security = None
+        self.config = NodeConfig(api_keys="off")
+        self.router = Router()
+        self.replicas: dict[str, Any] = {}
+        self.targets: list[Target] = []
+
+    def abilities(self, name: str) -> tuple[str, ...]:
+        return ("chat", "completion")
+
+    def route(self, name: str, key: bytes) -> list[Target]:
+        if not self.targets:
+            raise ModelUnavailable(f"model {name!r} has no ready replica; retry shortly")
+        return list(self.targets)
+
+    def replica(self, name: str) -> Any:
+        raise ModelUnavailable("no replica here")
+
+
+async def _peer(name: str, seen: dict[str, Any], *, status: int = 200,
+                keepalive_s: float = 75.0) -> tuple[web.AppRunner, str]:
+    async def complete(request: web.Request) -> web.StreamResponse:
+        seen.setdefault(name, []).append(request.headers.get("X-Meshnode-Hop"))
+        body = await request.json()
+        if body.get("stream"):
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "X-Served-By": name})
+            await resp.prepare(request)
+            try:
+                for i in range(int(body.get("x_count", 3))):
+                    await resp.write(f"data: {{\"i\": {i}}}\n\n".encode())
+                    await asyncio.sleep(float(body.get("pause", 0)))
+                await resp.write(b"data: [DONE]\n\n")
+            except asyncio.CancelledError:
+                seen.setdefault("cancelled", asyncio.Event()).set()
+                raise
+            return resp
+        return web.json_response({"served": name}, status=status,
+                                 headers={"X-Served-By": name})
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", complete)
+    runner = web.AppRunner(app, handler_cancellation=True, keepalive_timeout=keepalive_s)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+@pytest.fixture
+async def world() -> AsyncIterator[dict[str, Any]]:
+    seen: dict[str, Any] = {}
+    runners = []
+    urls = {}
+    for name, status, keepalive in (("good", 200, 75.0), ("busy", 503, 75.0),
+                                    ("brief", 200, 0.3)):
+        runner, url = await _peer(name, seen, status=status, keepalive_s=keepalive)
+        runners.append(runner)
+        urls[name] = url
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()  # accepts, then closes before answering
+
+    dead = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    urls["dead"] = f"http://127.0.0.1:{dead.sockets[0].getsockname()[1]}"
+    node = FakeNode()
+    app = web.Application()
+    app[NODE] = node  # type: ignore[misc]
+    app.cleanup_ctx.append(forward.upstream_ctx)
+    app.cleanup_ctx.append(forward.session_ctx())
+    app.add_routes(openai_api.routes)
+    front = web.AppRunner(app, handler_cancellation=True)
+    await front.setup()
+    await FrontSite(front, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{front.addresses[0][1]}"
+    try:
+        yield {"node": node, "urls": urls, "url": url, "seen": seen, "app": app}
+    finally:
+        await front.cleanup()
+        dead.close()
+        await dead.wait_closed()
+        for runner in runners:
+            await runner.cleanup()
+
+
+def _targets(world: dict[str, Any], *names: str) -> None:
+    world["node"].targets = [Target(f"{n}-id", n, world["urls"][n], False) for n in names]
+
+
+async def _post(session: aiohttp.ClientSession, world: dict[str, Any],
+                body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any], str]:
+    async with session.post(world["url"] + "/v1/completions", json=body or BODY) as resp:
+        return resp.status, json.loads(await resp.read()), resp.headers.get("X-Served-By", "")
+
+
+async def test_503_then_next_replica(world: dict[str, Any]) -> None:
+    _targets(world, "busy", "good")
+    async with aiohttp.ClientSession() as s:
+        for _ in range(3):  # the first with fresh connections, then pooled ones
+            assert await _post(s, world) == (200, {"served": "good"}, "good")
+    assert world["seen"]["busy"] == ["1"] * 3 and world["seen"]["good"] == ["1"] * 3
+    assert not world["node"].router.forwarded  # every in-flight count went back to 0
+
+
+async def test_the_last_replica_s_503_is_passed_on(world: dict[str, Any]) -> None:
+    _targets(world, "busy")
+    async with aiohttp.ClientSession() as s:
+        for _ in range(2):
+            assert await _post(s, world) == (503, {"served": "busy"}, "busy")
+
+
+async def test_a_peer_that_hangs_up_is_skipped(world: dict[str, Any]) -> None:
+    _targets(world, "dead", "good")
+    async with aiohttp.ClientSession() as s:
+        for _ in range(2):
+            assert await _post(s, world) == (200, {"served": "good"}, "good")
+    _targets(world, "dead")
+    async with aiohttp.ClientSession() as s:
+        status, body, _ = await _post(s, world)
+    assert status == 503 and body["error"]["code"] == "model_loading"
+    assert "no replica answered" in body["error"]["message"]
+
+
+async def test_no_route_is_the_apps_error(world: dict[str, Any]) -> None:
+    _targets(world)
+    async with aiohttp.ClientSession() as s:
+        status, body, _ = await _post(s, world)
+    assert status == 503 and body["error"]["type"] == "service_unavailable"
+
+
+async def test_pooled_connection_closed_while_idle_is_retried(world: dict[str, Any]) -> None:
+    _targets(world, "brief")
+    pool = world["app"][forward.FORWARD_UPSTREAM]
+    async with aiohttp.ClientSession() as s:
+        assert (await _post(s, world))[0] == 200
+        conn = pool._idle[world["urls"]["brief"]][0]
+        deadline = asyncio.get_running_loop().time() + 5
+        while conn.usable:  # the peer closes it after its 0.3 s keep-alive
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+        assert await _post(s, world) == (200, {"served": "brief"}, "brief")
+    assert len(world["seen"]["brief"]) == 2  # each request reached the peer once
+
+
+async def test_stream_is_spliced_and_a_client_that_leaves_cancels_the_peer(
+        world: dict[str, Any]) -> None:
+    _targets(world, "good")
+    async with aiohttp.ClientSession() as s:
+        async with s.post(world["url"] + "/v1/completions",
+                          json={**BODY, "stream": True, "x_count": 4}) as resp:
+            data = await resp.read()
+            assert resp.headers["Content-Type"] == "text/event-stream"
+        assert data.decode().split("\n\n")[:-1] == [
+            *(f'data: {{"i": {i}}}' for i in range(4)), "data: [DONE]"]
+        resp = await s.post(world["url"] + "/v1/completions",
+                            json={**BODY, "stream": True, "x_count": 1000, "pause": 0.05})
+        assert (await resp.content.readline()).startswith(b"data: ")
+        resp.close()  # the client goes away mid-stream
+    async with asyncio.timeout(5):
+        while "cancelled" not in world["seen"]:
+            await asyncio.sleep(0.02)
+        await world["seen"]["cancelled"].wait()
+    pool = world["app"][forward.FORWARD_UPSTREAM]
+    assert len(pool._idle.get(world["urls"]["good"], ())) <= 1  # the cut one was not pooled
