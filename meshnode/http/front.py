@@ -27,21 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import time
-from email.utils import formatdate
-from http import HTTPStatus
 from typing import Any
 
 import structlog
 from aiohttp import web
 
 from meshnode.engines import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    EmbeddingRequest,
     EngineError,
     InvalidRequest,
-    RerankRequest,
     decode_request,
 )
 from meshnode.mesh.crypto_errors import SecurityError
@@ -50,10 +43,11 @@ from meshnode.node import NodeError, request_key
 from .auth import inference_allowed, keys_required
 from .errors import error_parts, exception_parts
 from .forward import ENGINE_UPSTREAM, FORWARD_UPSTREAM, HOP_MODE
+from .http1 import Request, head, parse
 from .keys import NODE
 from .middleware import request_id
 from .passthrough import Call, dispatch, forward_headers, tls_check, upstream_lost_event
-from .upstream import SpliceHandle
+from .splice import SpliceHandle, splice_now
 
 __all__ = ["HEAD_MAX", "KEEPALIVE_S", "FrontSite"]
 
@@ -66,86 +60,6 @@ KEEPALIVE_S = 75.0
 a quarter of it (one sweep of every connection per quarter, not a timer per request)."""
 PIPELINE_MAX = 1024 * 1024
 """Bytes of further requests buffered while one is answered; above it reading pauses."""
-
-# path -> (request schema, ability, canonical path sent upstream)
-_ROUTES: dict[bytes, tuple[type, str, str]] = {
-    b"/v1/chat/completions": (ChatCompletionRequest, "chat", "/v1/chat/completions"),
-    b"/v1/completions": (CompletionRequest, "completion", "/v1/completions"),
-    b"/v1/embeddings": (EmbeddingRequest, "embed", "/v1/embeddings"),
-    b"/v1/rerank": (RerankRequest, "rerank", "/v1/rerank"),
-    b"/v2/rerank": (RerankRequest, "rerank", "/v1/rerank"),
-    b"/rerank": (RerankRequest, "rerank", "/v1/rerank"),
-}
-_HANDED_OVER = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
-_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
-_date_cache: tuple[int, bytes] = (0, b"")
-
-
-def _date() -> bytes:
-    global _date_cache
-    now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache = (now, formatdate(now, usegmt=True).encode())
-    return _date_cache[1]
-
-
-def _head(status: int, headers: dict[str, str], framing: bytes, close: bool) -> bytes:
-    parts = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))]
-    parts += [f"{k}: {v}\r\n".encode("latin-1") for k, v in headers.items()]
-    parts.append(b"Date: %s\r\n%s%s\r\n" % (_date(), framing,
-                                           b"Connection: close\r\n" if close else b""))
-    return b"".join(parts)
-
-
-class _Request:
-    """What the front read of one request's head."""
-
-    __slots__ = ("authorization", "close", "hop", "length", "request_id", "route")
-
-    def __init__(self, route: tuple[type, str, str]) -> None:
-        self.route = route
-        self.length = -1
-        self.close = False
-        self.hop: str | None = None
-        self.authorization: str | None = None
-        self.request_id = ""
-
-
-def _parse(head: bytes) -> _Request | None:
-    """The request head (up to, without, the blank line), or None to hand it over: anything
-    that is not a plain POST to an inference route with exactly one Content-Length, or that
-    aiohttp's strict parser might read differently (bare LF, folded lines, a space before a
-    colon, Transfer-Encoding, Expect, Upgrade)."""
-    lines = head.split(b"\r\n")
-    method, _, rest = lines[0].partition(b" ")
-    target, _, version = rest.partition(b" ")
-    route = _ROUTES.get(target)
-    if method != b"POST" or version != b"HTTP/1.1" or route is None or b"\n" in head.replace(
-            b"\r\n", b""):
-        return None
-    req = _Request(route)
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or not name or name != name.strip():
-            return None  # malformed, or obsolete line folding: aiohttp answers 400
-        name = name.lower()
-        if name in _HANDED_OVER:
-            return None
-        value = value.strip()
-        if name == b"content-length":
-            if req.length >= 0 or not value.isdigit():
-                return None
-            req.length = int(value)
-        elif name == b"connection":
-            req.close = b"close" in value.lower()
-        elif name == b"authorization":
-            req.authorization = value.decode("latin-1")
-        elif name == b"x-request-id":
-            req.request_id = value.decode("latin-1")
-        elif name == b"x-meshnode-hop":
-            req.hop = value.decode("latin-1") or None
-    return req if req.length >= 0 else None
-
 
 class _Front:
     """Per listener: the node, the app's pools and server, the open connections."""
@@ -171,7 +85,7 @@ class _Front:
             conn.abort()
         self._sweeper = self.loop.call_later(KEEPALIVE_S / 4, self._sweep)
 
-    def call(self, req: _Request) -> Call:
+    def call(self, req: Request) -> Call:
         return Call(self.node, request_id(req.request_id), self.peers, self.engines,
                     served_here=self.mode == "internal" or (self.mode == "open"
                                                             and req.hop is not None),
@@ -199,7 +113,7 @@ class _Conn(asyncio.Protocol):
         self.front = front
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
-        self.pending: _Request | None = None  # head parsed, body still arriving
+        self.pending: Request | None = None  # head parsed, body still arriving
         self.head_end = 0
         self.task: asyncio.Task[None] | None = None
         self.active: SpliceHandle | None = None  # a peer's answer spliced in, without a task
@@ -284,7 +198,7 @@ class _Conn(asyncio.Protocol):
                 if len(buf) > HEAD_MAX or b"\n\n" in buf or b"\n\r\n" in buf:
                     self._hand_over()  # too long, or bare-LF framing: aiohttp decides
                 return
-            req = _parse(bytes(buf[:end]))
+            req = parse(bytes(buf[:end]))
             if req is None or req.length > self.front.max_body or self.front.closing:
                 return self._hand_over()
             self.pending, self.head_end = req, end + 4
@@ -327,8 +241,8 @@ class _Conn(asyncio.Protocol):
         if first.local or peers is None or self.transport is None:
             return False
         sink = _Sink(self, close or self.front.closing)
-        handle = peers.splice_now(
-            "POST", first.url, path, body, forward_headers(call), self.transport,
+        handle = splice_now(
+            peers, "POST", first.url, path, body, forward_headers(call), self.transport,
             sink.extra_head, len(targets) > 1, tls_check(call.node, first), self.set_source)
         if handle is None:
             return False
@@ -462,12 +376,12 @@ class _Sink:
 
     async def respond(self, status: int, headers: dict[str, str], body: bytes) -> None:
         self.started = True
-        self._write(_head(status, headers, b"Content-Length: %d\r\n" % len(body),
+        self._write(head(status, headers, b"Content-Length: %d\r\n" % len(body),
                           self.close_after) + body)
 
     async def open(self, status: int, headers: dict[str, str]) -> None:
         self.started = True
-        self._write(_head(status, headers, b"Transfer-Encoding: chunked\r\n",
+        self._write(head(status, headers, b"Transfer-Encoding: chunked\r\n",
                           self.close_after))
 
     async def write(self, data: bytes) -> None:

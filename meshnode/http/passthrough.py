@@ -28,7 +28,8 @@ import structlog
 
 from meshnode.node import ModelUnavailable, Node, Replica, Target
 
-from .upstream import Spliced, Upstream, UpstreamError, UpstreamResponse
+from .splice import Spliced, splice
+from .upstream import Upstream, UpstreamError, UpstreamResponse
 
 __all__ = ["HOP_HEADER", "Call", "Sink", "dispatch", "forward_headers", "tls_check",
            "upstream_lost_event"]
@@ -52,7 +53,7 @@ class Sink(Protocol):
     `write` returns once the client can take more (backpressure).
 
     A sink over a raw client socket (the front's) also offers `transport`, so a peer's answer
-    can be spliced through as it arrives (Upstream.splice): `extra_head` is inserted in the
+    can be spliced through as it arrives (splice.py): `extra_head` is inserted in the
     answer's head, `on_source` learns the upstream transport (to pause it when the client is
     slow), and `spliced` is told how it ended. Others set `transport` to None."""
 
@@ -180,7 +181,7 @@ def forward_headers(call: Call) -> dict[str, str]:
 
 
 def tls_check(node: Node, target: Target) -> Callable[[object], bool] | None:
-    """For Upstream.splice: in a signed cluster, whether a connection's TLS peer is `target`."""
+    """For splice(): in a signed cluster, whether a connection's TLS peer is `target`."""
     if node.security is None:
         return None
     return lambda ssl_object: _peer_tls_ok(node, ssl_object, target)
@@ -252,8 +253,9 @@ async def _splice(call: Call, target: Target, path: str, body: bytes, headers: d
     """_forward's way for a sink over a raw socket: the peer's answer, head included, is
     written to the client as it arrives (the peer already set X-Request-Id, X-Served-By)."""
     assert call.peers is not None and sink.transport is not None
-    done: Spliced = await call.peers.splice(
-        "POST", target.url, path, body, headers, sink.transport, extra_head=sink.extra_head,
+    done: Spliced = await splice(
+        call.peers, "POST", target.url, path, body, headers, sink.transport,
+        extra_head=sink.extra_head,
         retry_503=not final, check=tls_check(call.node, target), on_source=sink.on_source)
     match done.outcome:
         case "done":

@@ -11,6 +11,7 @@ import msgspec
 import pytest
 from aiohttp import web
 
+from meshnode.http.splice import splice
 from meshnode.http.upstream import BUFFER_HIGH, Upstream, UpstreamError
 
 
@@ -275,7 +276,7 @@ async def test_splice_passes_answers_through_and_pools(server: dict[str, object]
             for i in range(3):
                 out = _Out()
                 body = b'{"a": 1}' * (i + 1)
-                done = await up.splice("POST", base, "/echo", body, {"X-Request-Id": "r9"},
+                done = await splice(up, "POST", base, "/echo", body, {"X-Request-Id": "r9"},
                                        out, extra_head=b"Connection: close\r\n")  # type: ignore[arg-type]
                 assert (done.outcome, done.status, done.keep_alive) == ("done", 200, True)
                 status, headers, got = _decode_answer(out.data)
@@ -283,7 +284,7 @@ async def test_splice_passes_answers_through_and_pools(server: dict[str, object]
                 assert msgspec.json.decode(got) == {"len": len(body), "ct": "application/octet-stream", "rid": "r9"}
             assert len(up._idle[base]) == 1  # one connection, reused
         out = _Out()
-        done = await up.splice("GET", str(server["tcp"]), "/stream?n=40&size=3", b"", None,
+        done = await splice(up, "GET", str(server["tcp"]), "/stream?n=40&size=3", b"", None,
                                out)  # type: ignore[arg-type]
         assert done.outcome == "done"
         _, headers, got = _decode_answer(out.data)
@@ -329,7 +330,7 @@ async def test_splice_outcomes(answer: bytes, retry_503: bool, outcome: str,
     try:
         async with Upstream() as up:
             out = _Out()
-            done = await up.splice("POST", base, "/x", b"{}", None, out,  # type: ignore[arg-type]
+            done = await splice(up, "POST", base, "/x", b"{}", None, out,  # type: ignore[arg-type]
                                    retry_503=retry_503)
             assert (done.outcome, done.at_boundary) == (outcome, at_boundary)
             assert out.data == (answer if written is None else written)
@@ -343,7 +344,7 @@ async def test_splice_outcomes(answer: bytes, retry_503: bool, outcome: str,
 async def test_splice_check_refuses_before_sending(server: dict[str, object]) -> None:
     async with Upstream() as up:
         out = _Out()
-        done = await up.splice("POST", str(server["tcp"]), "/echo", b"1", None, out,  # type: ignore[arg-type]
+        done = await splice(up, "POST", str(server["tcp"]), "/echo", b"1", None, out,  # type: ignore[arg-type]
                                check=lambda ssl_object: False)
         assert done.outcome == "refused" and out.data == b""
     assert server["bodies"] == []  # nothing was sent
@@ -352,21 +353,21 @@ async def test_splice_check_refuses_before_sending(server: dict[str, object]) ->
 async def test_splice_retries_a_stale_pooled_connection(server: dict[str, object]) -> None:
     base = str(server["tcp"])
     async with Upstream() as up:
-        assert (await up.splice("POST", base, "/echo", b"1", None, _Out())).outcome == "done"  # type: ignore[arg-type]
+        assert (await splice(up, "POST", base, "/echo", b"1", None, _Out())).outcome == "done"  # type: ignore[arg-type]
         conn = up._idle[base][0]
         deadline = asyncio.get_running_loop().time() + 5
         while conn.usable:  # the server closes it after its 0.3 s keep-alive
             assert asyncio.get_running_loop().time() < deadline
             await asyncio.sleep(0.05)
         out = _Out()
-        assert (await up.splice("POST", base, "/echo", b"22", None, out)).outcome == "done"  # type: ignore[arg-type]
+        assert (await splice(up, "POST", base, "/echo", b"22", None, out)).outcome == "done"  # type: ignore[arg-type]
     assert server["bodies"] == [b"1", b"22"]  # sent once each
 
 
 async def test_splice_cancelled_closes_the_connection(server: dict[str, object]) -> None:
     async with Upstream() as up:
         out = _Out()
-        task = asyncio.ensure_future(up.splice("GET", str(server["tcp"]), "/slow", b"", None,
+        task = asyncio.ensure_future(splice(up, "GET", str(server["tcp"]), "/slow", b"", None,
                                                out))  # type: ignore[arg-type]
         async with asyncio.timeout(5):
             while b"first" not in out.data:
