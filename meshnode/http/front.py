@@ -225,6 +225,8 @@ class _Conn(asyncio.Protocol):
         if not call.served_here and self._splice_now(call, decoded.model, path, body, key,
                                                      req.close):
             return
+        # The task routes again, on purpose: a local replica's in-flight count rises only when
+        # its relay starts, and concurrent requests must see each other there (bounded load).
         self.task = self.front.loop.create_task(
             self._answer(call, decoded.model, path, body, key, req.close))
 
