@@ -34,6 +34,17 @@ def get_json(url: str) -> dict:
         return json.loads(resp.read())
 
 
+def post_json(url: str, body: Any) -> tuple[int, dict[str, Any]]:
+    """POST `body` as JSON; the status and the decoded answer, errors included."""
+    request = urllib.request.Request(url, method="POST", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
 def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str,
              interval_s: float = 0.05) -> Any:
     """Poll `predicate` until it returns something truthy, and return that. A node not yet

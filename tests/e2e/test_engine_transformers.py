@@ -10,8 +10,6 @@ import concurrent.futures
 import importlib.util
 import json
 import struct
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +20,7 @@ from conftest import (
     OpenAISpec,
     completion_chunk_as_spec,
     get_json,
+    post_json,
     seed_converted,
 )
 
@@ -37,16 +36,6 @@ pytestmark = [
 ]
 
 
-def _post(url: str, body: Any) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(url, method="POST", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=120) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     data = tmp_path_factory.mktemp("tf-node") / "data"
@@ -55,7 +44,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     seed_converted(data, tmp_path_factory.getbasetemp() / "converted")
     n = NodeProcess(data, "--no-mdns", "--model", EMBED)
     try:
-        status, body = _post(n.url + "/v1/deployments",
+        status, body = post_json(n.url + "/v1/deployments",
                              {"model": "smollm2-135m-instruct", "name": CHAT,
                               "engine": "transformers"})
         assert status == 201 and body["engine"] == "transformers", body
@@ -184,11 +173,11 @@ def test_embeddings_match_sentence_transformers(client: openai.OpenAI, node: Nod
     single = client.embeddings.create(model=EMBED, input=TEXTS[1])
     assert _close([single.data[0].embedding], expected[1:2])
     assert single.usage.prompt_tokens == single.usage.total_tokens > 3
-    status, floats = _post(node.url + "/v1/embeddings",
+    status, floats = post_json(node.url + "/v1/embeddings",
                            {"model": EMBED, "input": TEXTS, "encoding_format": "float"})
     assert status == 200
     openai_spec.validate("CreateEmbeddingResponse", floats)
-    status, b64 = _post(node.url + "/v1/embeddings",
+    status, b64 = post_json(node.url + "/v1/embeddings",
                         {"model": EMBED, "input": TEXTS, "encoding_format": "base64"})
     assert status == 200
     for f, b in zip(floats["data"], b64["data"]):
@@ -222,7 +211,7 @@ def test_embeddings_token_ids_and_dimensions(client: openai.OpenAI, reference) -
 ])
 def test_embedding_errors(node: NodeProcess, openai_spec: OpenAISpec, body: dict,
                           param: str) -> None:
-    status, payload = _post(node.url + "/v1/embeddings", {"model": EMBED, **body})
+    status, payload = post_json(node.url + "/v1/embeddings", {"model": EMBED, **body})
     assert status == 400, payload
     openai_spec.validate("ErrorResponse", payload)
     assert payload["error"]["param"] == param and payload["error"]["message"]
@@ -236,7 +225,7 @@ DOCS = ["The weather is nice today.", "Bananas are rich in potassium.",
 
 @pytest.mark.parametrize("path", ["/v1/rerank", "/rerank", "/v2/rerank"])
 def test_rerank(node: NodeProcess, path: str) -> None:
-    status, body = _post(node.url + path, {"model": EMBED, "query": "capital of France",
+    status, body = post_json(node.url + path, {"model": EMBED, "query": "capital of France",
                                            "documents": DOCS})
     assert status == 200, body
     results = body["results"]
@@ -249,7 +238,7 @@ def test_rerank(node: NodeProcess, path: str) -> None:
 
 
 def test_rerank_top_n_and_documents(node: NodeProcess) -> None:
-    status, body = _post(node.url + "/v1/rerank", {
+    status, body = post_json(node.url + "/v1/rerank", {
         "model": EMBED, "query": "capital of France", "top_n": 2, "return_documents": True,
         "documents": [{"text": d} for d in DOCS]})
     assert status == 200, body
@@ -272,7 +261,7 @@ def test_rerank_top_n_and_documents(node: NodeProcess) -> None:
 ])
 def test_rerank_errors(node: NodeProcess, openai_spec: OpenAISpec, body: dict,
                        param: str) -> None:
-    status, payload = _post(node.url + "/v1/rerank", {"model": EMBED, **body})
+    status, payload = post_json(node.url + "/v1/rerank", {"model": EMBED, **body})
     assert status == 400, payload
     openai_spec.validate("ErrorResponse", payload)
     assert payload["error"]["param"] == param, payload

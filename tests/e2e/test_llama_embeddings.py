@@ -18,15 +18,13 @@ import json
 import math
 import shutil
 import struct
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
-from conftest import NodeProcess, OpenAISpec, get_json
+from conftest import NodeProcess, OpenAISpec, get_json, post_json
 
 EMBED = "smol-embed"
 POOLED = "smol-last"
@@ -41,16 +39,6 @@ pytestmark = [
 ]
 LAST = 3  # llama_pooling_type LLAMA_POOLING_TYPE_LAST
 EMBED_BATCH = 2048  # meshnode.engines.llama.EMBED_BATCH: n_batch = n_ubatch when embedding
-
-
-def _post(url: str, body: Any) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(url, method="POST", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=120) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 def with_pooling(src: Path, dst: Path, arch: str, pooling: int) -> None:
@@ -93,11 +81,11 @@ def pooled_gguf(gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def node(tmp_path_factory: pytest.TempPathFactory, pooled_gguf: Path) -> Iterator[NodeProcess]:
     n = NodeProcess(tmp_path_factory.mktemp("embed-node") / "data", "--no-mdns")
     try:
-        status, body = _post(n.url + "/v1/deployments",
+        status, body = post_json(n.url + "/v1/deployments",
                              {"model": "smollm2-135m-embed", "name": EMBED,
                               "engine": "llama.cpp"})
         assert status == 201 and body["engine"] == "llama.cpp", body
-        status, body = _post(n.url + "/v1/deployments",
+        status, body = post_json(n.url + "/v1/deployments",
                              {"model": str(pooled_gguf), "name": POOLED,
                               "engine": "llama.cpp"})
         assert status == 201 and body["engine"] == "llama.cpp", body
@@ -138,7 +126,7 @@ def _close(got: list[float], want: list[float]) -> None:
 def test_embedding_deployment_serves_vectors_not_chat(node: NodeProcess) -> None:
     view = get_json(node.url + f"/v1/deployments/{EMBED}")
     assert set(view["abilities"]) == {"embed", "rerank"} and view["engine"] == "llama.cpp"
-    status, body = _post(node.url + "/v1/chat/completions",
+    status, body = post_json(node.url + "/v1/chat/completions",
                          {"model": EMBED, "messages": [{"role": "user", "content": "hi"}]})
     assert status == 400 and "chat" in body["error"]["message"], body
 
@@ -162,10 +150,10 @@ def test_single_and_batch_equal_llama_cpp_in_process(client: openai.OpenAI,
 
 
 def test_base64_decodes_to_the_same_floats(node: NodeProcess, client: openai.OpenAI) -> None:
-    status, floats = _post(node.url + "/v1/embeddings",
+    status, floats = post_json(node.url + "/v1/embeddings",
                            {"model": EMBED, "input": TEXTS, "encoding_format": "float"})
     assert status == 200
-    status, b64 = _post(node.url + "/v1/embeddings",
+    status, b64 = post_json(node.url + "/v1/embeddings",
                         {"model": EMBED, "input": TEXTS, "encoding_format": "base64"})
     assert status == 200
     for f, b in zip(floats["data"], b64["data"]):
@@ -181,27 +169,27 @@ def test_base64_decodes_to_the_same_floats(node: NodeProcess, client: openai.Ope
 
 def test_token_id_inputs_match_text(node: NodeProcess, mean_reference: Any) -> None:
     ids = mean_reference.tokenize(TEXTS[0].encode())
-    status, body = _post(node.url + "/v1/embeddings", {"model": EMBED, "input": [ids, ids]})
+    status, body = post_json(node.url + "/v1/embeddings", {"model": EMBED, "input": [ids, ids]})
     assert status == 200, body
     want = mean_reference.embed(TEXTS[0], normalize=True)
     for d in body["data"]:
         _close(d["embedding"], want)
-    status, body = _post(node.url + "/v1/embeddings", {"model": EMBED, "input": [[10**7]]})
+    status, body = post_json(node.url + "/v1/embeddings", {"model": EMBED, "input": [[10**7]]})
     assert status == 400 and "token ids" in body["error"]["message"], body
 
 
 def test_too_long_input_is_refused_not_truncated(node: NodeProcess) -> None:
-    status, body = _post(node.url + "/v1/embeddings",
+    status, body = post_json(node.url + "/v1/embeddings",
                          {"model": EMBED, "input": "word " * (EMBED_BATCH + 10)})
     assert status == 400 and "at most 2048" in body["error"]["message"], body
-    status, body = _post(node.url + "/v1/embeddings", {"model": EMBED, "input": ""})
+    status, body = post_json(node.url + "/v1/embeddings", {"model": EMBED, "input": ""})
     assert status == 400 and body["error"]["param"] == "input", body
 
 
 def test_rerank_by_cosine(node: NodeProcess) -> None:
     docs = ["Bananas are yellow fruit.", "Paris is the capital of France.",
             "The stock market fell today."]
-    status, body = _post(node.url + "/v1/rerank",
+    status, body = post_json(node.url + "/v1/rerank",
                          {"model": EMBED, "query": "Paris is the capital of France",
                           "documents": docs, "return_documents": True})
     assert status == 200, body
