@@ -1,9 +1,10 @@
 """Prefix affinity: prompt-cache hits and time to first token, ring routing vs round-robin.
 
-Three real nodes on loopback, each holding one replica of two deployments of SmolLM2:
+`--replicas` real nodes on loopback (default 3), each holding one replica of two
+deployments of SmolLM2:
 
-    aff   requests enter at the nodes in turn and the mesh routes them (ring keyed by the
-          prompt's prefix, bounded loads)
+    aff   requests enter at the nodes in turn and the mesh routes them (each prompt prefix
+          assigned to a replica from the gossiped prefix ledgers, bounded loads)
     rr    requests go to the three holders in turn and are served there (round-robin: the
           hop header makes a node serve a request itself)
 
@@ -36,11 +37,12 @@ saved state; each answer reports it as usage.prompt_tokens_details.cached_tokens
     python bench/prefix_affinity.py --turns 6 --conversations 8 --concurrency 4 \
         --answer-tokens 32 --system-rules 0                   # short system prompts
     python bench/prefix_affinity.py ... --prompt-cache-mb 0     # the nodes' cache off
+    python bench/prefix_affinity.py --replicas 5 --prompts 5 --prompt-cache-mb 0
 
 Target (issue 4): hit rate >= 3.8x round-robin's, max/mean <= 1.25. Single-turn: with R
 replicas and a uniform random workload over P prompts, round-robin hits about 1/P and
 affinity at best 1 (each replica one prompt when P <= R); with K-entry caches round-robin
-hits K/P and affinity needs K >= P/R: the ratio cannot exceed R (here 3) in steady state,
+hits K/P and affinity needs K >= P/R: the ratio cannot exceed R (`--replicas`) in steady state,
 whatever the router or the cache. The benchmark prints that bound next to the measured ratio.
 Multi-turn: with the prompt cache, a round-robin replica still finds the system prompt in
 some saved state (any chat under it), so only the chat history separates the routers.
@@ -138,6 +140,7 @@ class Tally:
 
     def __init__(self, entries: list[str]) -> None:
         self.entries = entries
+        self.replicas = len(entries)
         self.sent = 0
         self.ttfts: list[float] = []
         self.prompt = self.cached = 0
@@ -160,7 +163,7 @@ class Tally:
         counts[1] += prompt
 
     def summary(self) -> dict:
-        mean = len(self.ttfts) / 3
+        mean = len(self.ttfts) / self.replicas
         return {"hit_rate": round(self.cached / self.prompt, 3) if self.prompt else 0.0,
                 "ttft_p50_ms": round(statistics.median(self.ttfts), 1),
                 "max_over_mean": round(max(self.served.values()) / mean, 2),
@@ -217,6 +220,8 @@ async def run_chats(name: str, entries: list[str], hop: bool,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--replicas", type=int, default=3,
+                        help="nodes, each holding one replica of both deployments")
     parser.add_argument("--requests", type=int, default=60)
     parser.add_argument("--prompts", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=3)
@@ -232,9 +237,9 @@ def main() -> None:
                         help="the nodes' --prompt-cache-mb (default: theirs, 256; 0 = off)")
     args = parser.parse_args()
     if min(args.turns, args.conversations, args.answer_tokens, args.requests,
-           args.prompts, args.concurrency) < 1:
-        parser.error("--turns, --conversations, --answer-tokens, --requests, --prompts and "
-                     "--concurrency must be >= 1")
+           args.prompts, args.concurrency, args.replicas) < 1:
+        parser.error("--turns, --conversations, --answer-tokens, --requests, --prompts, "
+                     "--concurrency and --replicas must be >= 1")
     if args.system_rules < 0:
         parser.error("--system-rules must be >= 0")
     if args.prompt_cache_mb is not None and args.prompt_cache_mb < 0:
@@ -247,17 +252,18 @@ def main() -> None:
     nodes: list[NodeProcess] = []
     try:
         nodes.append(NodeProcess(tmp / "a", *flags[:1], "a", *flags[1:], env=env))
-        for n in ("b", "c"):
+        for n in "bcdefghijklmnopqrstuvwxyz"[:args.replicas - 1]:
             nodes.append(NodeProcess(tmp / n, *flags[:1], n, *flags[1:],
                                      "--join", nodes[0].gossip, env=env))
         deadline = time.monotonic() + 30
-        while len(get_json(nodes[0].url + "/v1/cluster/nodes")["data"]) < 3:
+        while len(get_json(nodes[0].url + "/v1/cluster/nodes")["data"]) < args.replicas:
             assert time.monotonic() < deadline, "nodes did not join"
             time.sleep(0.2)
         for name in ("aff", "rr"):
             urllib.request.urlopen(urllib.request.Request(
                 nodes[0].url + "/v1/deployments", method="POST",
-                data=json.dumps({"model": MODEL, "name": name, "replicas": 3}).encode(),
+                data=json.dumps({"model": MODEL, "name": name,
+                                 "replicas": args.replicas}).encode(),
                 headers={"Content-Type": "application/json"}), timeout=60).read()
         for n in nodes:
             n.wait_ready("aff", "rr", timeout_s=600)
@@ -294,7 +300,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     ratio = aff["hit_rate"] / rr["hit_rate"] if rr["hit_rate"] else float("inf")
-    result = {"bench": "prefix_affinity", "turns": args.turns,
+    result = {"bench": "prefix_affinity", "replicas": args.replicas, "turns": args.turns,
               "requests": args.requests if args.turns == 1 else args.conversations * args.turns,
               "conversations": args.conversations if args.turns > 1 else None,
               "prompts": args.prompts, "system_rules": args.system_rules,
@@ -303,7 +309,7 @@ def main() -> None:
               "prompt_cache_mb": args.prompt_cache_mb, "workload_s": round(elapsed, 1),
               "affinity": aff, "round_robin": rr, "hit_rate_ratio": round(ratio, 2),
               "ttft_p50_ratio": round(aff["ttft_p50_ms"] / rr["ttft_p50_ms"], 2),
-              "ratio_bound": min(3, args.prompts)}
+              "ratio_bound": min(args.replicas, args.prompts)}
     print(json.dumps(result))
     print(f"\n{'router':12} {'hit rate':>9} {'ttft p50 ms':>12} {'max/mean':>9}  served")
     for label, r in (("affinity", aff), ("round-robin", rr)):

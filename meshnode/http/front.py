@@ -46,7 +46,14 @@ from .forward import ENGINE_UPSTREAM, FORWARD_UPSTREAM, HOP_MODE
 from .http1 import Request, head, parse
 from .keys import NODE
 from .middleware import request_id
-from .passthrough import Call, dispatch, forward_headers, tls_check, upstream_lost_event
+from .passthrough import (
+    PREFIX_PATHS,
+    Call,
+    dispatch,
+    forward_headers,
+    tls_check,
+    upstream_lost_event,
+)
 from .splice import SpliceHandle, splice_now
 
 __all__ = ["HEAD_MAX", "KEEPALIVE_S", "FrontSite"]
@@ -236,7 +243,7 @@ class _Conn(asyncio.Protocol):
         connection, so the request leaves before this returns and the answer is spliced in
         by that connection's callbacks. False (nothing done) for every other case."""
         try:
-            targets = self.front.node.route(name, key)
+            targets = self.front.node.route(name, key, path in PREFIX_PATHS)
         except (EngineError, NodeError):
             return False  # the task path answers the error
         first, peers = targets[0], self.front.peers

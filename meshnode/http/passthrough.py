@@ -4,7 +4,8 @@ Written once for both servers of a node: the front (front.py, the public port's 
 and the aiohttp apps (connections the front handed over, the signed cluster's internal
 listener). Each gives a `Call` (what is known of the request) and a `Sink` (how to answer).
 
-A request is tried on the router's targets in order. A peer is sent the raw body on the same
+A request is tried on the router's targets in order (generative ones by their prompt
+prefix's assignment; the replica that serves one records its prefix for gossip). A peer is sent the raw body on the same
 path with `X-Meshnode-Hop: 1`; a request that carries the hop header (or came in on the
 internal listener) is served here or refused, never forwarded again, so a stale view cannot
 bounce a request around the mesh. Before the first byte of an answer, a connection failure
@@ -31,12 +32,15 @@ from meshnode.node import ModelUnavailable, Node, Replica, Target
 from .splice import Spliced, splice
 from .upstream import Upstream, UpstreamError, UpstreamResponse
 
-__all__ = ["HOP_HEADER", "Call", "Sink", "dispatch", "forward_headers", "tls_check",
-           "upstream_lost_event"]
+__all__ = ["HOP_HEADER", "PREFIX_PATHS", "Call", "Sink", "dispatch", "forward_headers",
+           "tls_check", "upstream_lost_event"]
 
 log = structlog.get_logger("meshnode.http")
 
 HOP_HEADER = "X-Meshnode-Hop"
+PREFIX_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+"""Generative routes: routed by their prompt prefix, and recorded in the serving replica's
+prefix ledger (a KV cache to reuse); embeddings and rerank have none."""
 
 _encode = msgspec.json.Encoder().encode
 _PASS_HEADERS = (("x-served-by", "X-Served-By"), ("retry-after", "Retry-After"),
@@ -99,9 +103,13 @@ async def dispatch(call: Call, name: str, path: str, body: bytes, key: bytes,
     target but node `exclude` (one that already failed). Raises the node's or the engines'
     errors when nothing was sent yet (no replica, engine crashed)."""
     node = call.node
+    prefix = path in PREFIX_PATHS
     if call.served_here:
-        return await relay(call, node.replica(name), path, body, sink)
-    targets = [t for t in node.route(name, key) if t.node_id != exclude]
+        replica = node.replica(name)
+        if prefix:
+            node.prefixes.record(name, key)
+        return await relay(call, replica, path, body, sink)
+    targets = [t for t in node.route(name, key, prefix) if t.node_id != exclude]
     last: ModelUnavailable | None = None
     for i, target in enumerate(targets):
         final = i == len(targets) - 1
@@ -109,7 +117,10 @@ async def dispatch(call: Call, name: str, path: str, body: bytes, key: bytes,
             replica = node.replicas.get(name)
             if (replica is None or replica.state != "ready") and not final:
                 continue  # it went away since the route was computed: try the next one
-            return await relay(call, node.replica(name), path, body, sink)
+            replica = node.replica(name)
+            if prefix:
+                node.prefixes.record(name, key)
+            return await relay(call, replica, path, body, sink)
         if await _forward(call, target, path, body, final, sink):
             return None
         last = ModelUnavailable(f"model {name!r}: no replica answered; retry shortly")

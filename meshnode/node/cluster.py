@@ -49,6 +49,9 @@ class NodeMeta(msgspec.Struct, frozen=True, array_like=True):
     """Sequence of the revocation list this node holds: a peer holding a lower one pulls it."""
     keys_digest: str = ""
     """KeyTable.digest() of this node: a peer whose digest differs pulls our API keys."""
+    prefixes: tuple[tuple[str, bytes], ...] = ()
+    """(deployment name, sorted prefix ids packed as big-endian u32) of the prompt prefixes
+    each local replica served lately (prefixes.PrefixLedger): what routing assigns by."""
 
 
 class NodeLoad(msgspec.Struct, frozen=True, array_like=True):

@@ -52,6 +52,7 @@ from .errors import (
 from .keysync import NodeKeys
 from .peers import PLACEMENT_STATES, PeerView, Target
 from .replicas import Replica, ReplicaStatus
+from .prefixes import PrefixLedger
 from .router import Router
 from .security import INTERNAL_REVOCATION_PATH, ClusterSecurity
 from .sync import DeploymentSync, Peer, TableSync, encode_entries
@@ -94,6 +95,8 @@ class Node:
         self.node_id = ""
         self.cluster: Cluster | None = None
         self.router = Router()
+        self.prefixes = PrefixLedger()
+        """The prompt prefixes each local replica served lately, gossiped for routing."""
         ssl_context = security.client_context() if security is not None else None
         verify = self.verify_peer_tls if security is not None else None
         self.sync = DeploymentSync(self.deployments, self._table_changed,
@@ -198,7 +201,9 @@ class Node:
             version=__version__, deployments_digest=self.deployments.digest(),
             internal_port=self.internal_port,
             revocation_seq=self.security.revocation_seq if self.security else 0,
-            keys_digest=self.api_keys.digest())
+            keys_digest=self.api_keys.digest(),
+            prefixes=self.prefixes.snapshot(
+                [n for n, r in self.replicas.items() if r.state == "ready"], 512))
 
     def _local_in_flight(self) -> int:
         return sum(r.in_flight for r in self.replicas.values())
@@ -449,28 +454,27 @@ class Node:
         self._abilities[name] = (d.version, abilities)
         return abilities
 
-    def route(self, name: str, key: bytes) -> list[Target]:
-        """The nodes to try for a request to deployment `name` with routing `key`, in order.
+    def route(self, name: str, key: bytes, prefix: bool = True) -> list[Target]:
+        """The nodes to try for a request to deployment `name` with routing `key`, in order;
+        `prefix`: a generative request, routed by its prefix's assignment (router.py).
 
         ModelNotFound for an unknown deployment; ModelUnavailable (or ModelFailed) when no
         live member has a ready replica."""
         self._get(name)
-        targets: dict[str, Target] = {}
-        loads: dict[str, int] = {}
+        holders = dict(self.peers.holders(name))  # node id -> (Target, load, packed prefixes)
         local = self.replicas.get(name)
         if local is not None and local.state == "ready":
-            loads[self.node_id] = self._local_in_flight()
-            targets[self.node_id] = Target(self.node_id, self.name, "", True)
-        for node_id, (target, load) in self.peers.holders(name).items():
-            targets[node_id] = target
-            loads[node_id] = load
-        if not loads:
+            holders[self.node_id] = (Target(self.node_id, self.name, "", True),
+                                     self._local_in_flight(), self.prefixes.packed(name))
+        if not holders:
             if local is not None:
                 local.session()  # raises ModelFailed / ModelUnavailable saying why
             view = self.view(name)
             why = view.message or "its replica is still loading"
             raise ModelUnavailable(f"model {name!r} has no ready replica: {why}; retry shortly")
-        return [targets[n] for n in self.router.order(name, key, loads)]
+        ledgers = {n: h[2] for n, h in holders.items()} if prefix else None
+        order = self.router.order(name, key, {n: h[1] for n, h in holders.items()}, ledgers)
+        return [holders[n][0] for n in order]
 
     def replica(self, name: str) -> Replica:
         """This node's replica of `name`; ModelNotFound if there is no such deployment,

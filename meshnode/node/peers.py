@@ -51,8 +51,8 @@ class PeerView:
         self._cluster = cluster
         self._security = security
         self._metas: dict[bytes, NodeMeta | None] = {}
-        # deployment -> (valid until, {peer id: (Target, gossiped in-flight)})
-        self._holders: dict[str, tuple[float, dict[str, tuple[Target, int]]]] = {}
+        # deployment -> (valid until, {peer id: (Target, gossiped in-flight, packed ids)})
+        self._holders: dict[str, tuple[float, dict[str, tuple[Target, int, bytes]]]] = {}
 
     def decode_meta(self, data: bytes) -> NodeMeta | None:
         try:
@@ -92,8 +92,9 @@ class PeerView:
             return f"https://{meta.http_host}:{meta.internal_port}"
         return f"http://{meta.http_host}:{meta.http_port}"
 
-    def holders(self, name: str) -> dict[str, tuple[Target, int]]:
-        """Peers with a ready replica of `name` and their gossiped in-flight counts, reused for
+    def holders(self, name: str) -> dict[str, tuple[Target, int, bytes]]:
+        """Peers with a ready replica of `name`, their gossiped in-flight counts and the
+        prefix ids their replica of `name` served (packed, prefixes.py), reused for
         HOLDERS_TTL_S: gossip refreshes them no faster (loads ride on probes and acks), a
         holder that died meanwhile fails at connect and the next one is tried, and this
         node's own in-flight counts (Router.forwarded) stay live on top."""
@@ -102,7 +103,7 @@ class PeerView:
         if cached is not None and cached[0] > now:
             return cached[1]
         holders = {node_id: (Target(node_id, meta.name, self.url(meta), False),
-                             in_flight(load))
+                             in_flight(load), dict(meta.prefixes).get(name, b""))
                    for node_id, meta, load in self.peers(PLACEMENT_STATES)
                    if (name, "ready") in meta.replicas}
         if len(self._holders) > _CACHE_MAX:

@@ -3,15 +3,26 @@
     key(chat)        = model \\0 first 256 bytes of (system prompt \\0 first user message)
     key(completion)  = model \\0 first 256 bytes of the prompt (embeddings: of the input)
     ring             = Ring(ready node ids), cached per (deployment, ready set)
-    first            = ring.choose(key, loads, c=1.25)
-    order            = [first] + the rest of ring.walk(key): the retry order
+
+Generative requests (chat, completions) go where their prefix is assigned (prefixes.py): the
+ready replicas gossip which prefixes they served, every node computes the same balanced,
+sticky assignment of prefixes to replicas from that, and a new prefix goes to the replica
+owning the fewest::
+
+    pid    = prefix_id(key)
+    owner  = assignment.owner[pid], or the new owner (fewest prefixes, ties in ring order)
+    order  = [owner] + the other replicas advertising pid + the rest, each in ring.order(pid)
+    first  = the first of `order` under the bounded-load capacity (c = 1.25)
+
+Embeddings and rerank have no prefix to reuse: `first` is the bounded-load choice on the ring
+walk from the key. Either way the rest of the ring walk is the retry order.
 
 Requests that share a prefix reach the same replica (its KV/prefix cache is warm) unless that
-replica is above 1.25x the mean load, then they spill to the next one on the ring. The key is
-the prompt's first 256 bytes, chat or not: requests under one long system prompt (an app's
-instructions, the expensive shared prefix) go together, while under a short one ("Be brief.")
-the first user message makes each conversation its own key, so its later turns, which extend
-the same prefix, return to the replica that holds it.
+replica is above 1.25x the mean load, then they spill to another replica that has served the
+prefix, then along the ring. The key is the prompt's first 256 bytes, chat or not: requests
+under one long system prompt (an app's instructions, the expensive shared prefix) go together,
+while under a short one ("Be brief.") the first user message makes each conversation its own
+key, so its later turns, which extend the same prefix, return to the replica that holds it.
 
 Loads: a node's gossiped in-flight count, or this node's own count of requests it has
 forwarded there and not yet seen answered, whichever is larger. The gossiped count already
@@ -22,8 +33,9 @@ is right when gossip is fresh and still counts our own when it is stale.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import msgspec
 
@@ -35,6 +47,8 @@ from meshnode.engines import (
 )
 from meshnode.mesh.hashing import DEFAULT_LOAD_FACTOR, Ring
 
+from .prefixes import Assignment, assign, pid_bytes, prefix_id, unpack
+
 __all__ = ["PREFIX_BYTES", "Router", "request_key"]
 
 PREFIX_BYTES = 256
@@ -42,6 +56,12 @@ PREFIX_BYTES = 256
 
 _RING_CACHE = 256
 """Rings kept (one per deployment and ready set); a new set builds one in ~0.2 ms per node."""
+
+_PID_CACHE = 4096
+"""Routing keys whose prefix id is remembered (cleared when full)."""
+PENDING_S = 10.0
+"""How long this node remembers where it sent a prefix that no gossiped ledger shows yet
+(a replica's ledger reaches every node in about a second: the meta check plus gossip)."""
 
 _json = msgspec.json.Encoder().encode
 
@@ -74,13 +94,21 @@ def request_key(req: ChatCompletionRequest | CompletionRequest | EmbeddingReques
 
 
 class Router:
-    """Chooses among ready replicas; counts the requests this node has forwarded."""
+    """Chooses among ready replicas; counts the requests this node has forwarded and
+    remembers where it sent prefixes that gossip does not show yet."""
 
-    def __init__(self, load_factor: float = DEFAULT_LOAD_FACTOR) -> None:
+    def __init__(self, load_factor: float = DEFAULT_LOAD_FACTOR,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.load_factor = load_factor
         self.forwarded: Counter[str] = Counter()
         """Node id -> requests this node has sent there and not yet seen answered."""
+        self._clock = clock
         self._rings: dict[tuple[str, frozenset[str]], Ring] = {}
+        self._pids: dict[bytes, int] = {}  # recent routing key -> prefix id
+        # deployment -> (ready set, ledgers, pending), the assignment computed from them
+        self._assigned: dict[str, tuple[object, Assignment]] = {}
+        # deployment -> {prefix id: (node id, until)}: new prefixes sent before gossip shows
+        self._pending: dict[str, dict[int, tuple[str, float]]] = {}
 
     def ring(self, name: str, nodes: frozenset[str]) -> Ring:
         key = (name, nodes)
@@ -91,17 +119,59 @@ class Router:
             ring = self._rings[key] = Ring(nodes)
         return ring
 
-    def order(self, name: str, key: bytes, gossiped: Mapping[str, int]) -> list[str]:
-        """Ready node ids (the keys of `gossiped`, their gossiped loads) in the order to try:
-        the bounded-load choice first, then the ring walk from the key. [] when none."""
+    def order(self, name: str, key: bytes, gossiped: Mapping[str, int],
+              ledgers: Mapping[str, bytes] | None = None) -> list[str]:
+        """Ready node ids (the keys of `gossiped`, their gossiped loads) in the order to try.
+        With `ledgers` (node id -> its packed prefix ids for `name`; a generative request)
+        the prefix's owner first, else the bounded-load choice on the ring walk from the key;
+        then the rest of the ring walk. [] when none."""
         if not gossiped:
             return []
         ring = self.ring(name, frozenset(gossiped))
         forwarded = self.forwarded.get
         loads = {n: max(load, forwarded(n, 0)) for n, load in gossiped.items()}
-        order = ring.order(key)
+        if ledgers is None:
+            order = ring.order(key)
+        else:
+            pid = self._pids.get(key)
+            if pid is None:
+                if len(self._pids) >= _PID_CACHE:
+                    self._pids.clear()
+                pid = self._pids[key] = prefix_id(key)
+            walk = ring.order(pid_bytes(pid))
+            assignment = self._assignment(name, ring, ledgers)
+            owner = assignment.owner.get(pid)
+            if owner is None:
+                owner = assignment.new_owner(walk)
+                self._pending.setdefault(name, {})[pid] = (owner, self._clock() + PENDING_S)
+            advertised, empty = assignment.advertised, frozenset[int]()
+            order = (owner, *(n for n in walk if n != owner and pid in advertised.get(n, empty)))
+            order += tuple(n for n in walk if n not in order)
         first = ring.choose_in(order, loads, self.load_factor)
         return [first, *(n for n in order if n != first)]
+
+    def _assignment(self, name: str, ring: Ring, ledgers: Mapping[str, bytes]) -> Assignment:
+        """The assignment for `name` over `ring` from the gossiped `ledgers` plus this node's
+        pending choices; recomputed only when one of those changed."""
+        pending = self._pending.get(name)
+        if pending:
+            now = self._clock()
+            for pid, (node, until) in list(pending.items()):
+                if until < now or node not in ring or pid in unpack(ledgers.get(node, b"")):
+                    del pending[pid]  # expired, gone, or gossip shows it now
+        state = (ring.nodes, tuple(sorted(ledgers.items())),
+                 tuple(sorted(pending.items())) if pending else ())
+        cached = self._assigned.get(name)
+        if cached is not None and cached[0] == state:
+            return cached[1]
+        advertised = {n: unpack(ledgers.get(n, b"")) for n in ring.nodes}
+        for pid, (node, _) in (pending or {}).items():
+            advertised[node] = advertised[node] | {pid}
+        assignment = assign(ring, advertised)
+        if len(self._assigned) >= _RING_CACHE:
+            self._assigned.clear()
+        self._assigned[name] = (state, assignment)
+        return assignment
 
     @contextlib.contextmanager
     def track(self, node_id: str) -> Iterator[None]:

@@ -3,7 +3,7 @@
 One module-scoped cluster; the tests run in file order and each leaves it settled for the
 next: launch + routing, stop from another node, kill -9 of the holder (the replica moves) and
 the restart of that node (it learns the table), then two replicas (prefix affinity and the
-bounded-load rule).
+bounded-load rule), then three prefixes on a deployment of three replicas (the assignment).
 """
 
 from __future__ import annotations
@@ -208,3 +208,39 @@ async def test_two_replicas_prefix_affinity_and_bounded_load(
                                              for _ in range(16))))
         assert sum(got.values()) == 16
         assert max(got.values()) <= math.ceil(1.25 * 16 / 2), got
+
+
+async def test_three_prefixes_settle_on_three_replicas_seen_alike_from_every_node(
+        mesh: dict[str, NodeProcess]) -> None:
+    """Three system prompts whose first requests enter at three nodes at once (each node
+    then chooses alone, maybe the same replica): once the replicas' prefix ledgers are
+    gossiped, each prompt has its own replica and every node sends it there."""
+    name = "affinity3"
+    status, _, body = call(mesh["c"].url + "/v1/deployments", "POST",
+                           {"model": CHAT, "name": name, "replicas": 3})
+    assert status == 201, body
+    for n in mesh.values():
+        wait_for(lambda n=n: len(ready_nodes(n, name)) == 3, 180, "three replicas ready")
+    systems = [f"You are assistant number {i}. Answer in one word." for i in range(3)]
+    async with aiohttp.ClientSession() as session:
+        async def served_by(node: str, system: str) -> str:
+            req = {**chat_body("Hello?", system=system), "model": name, "max_tokens": 1}
+            async with session.post(mesh[node].url + "/v1/chat/completions",
+                                    json=req) as resp:
+                assert resp.status == 200, await resp.text()
+                await resp.read()
+                return resp.headers["X-Served-By"]
+
+        async def mapping() -> list[set[str]]:
+            return [{await served_by(n, s) for n in mesh} for s in systems]
+
+        await asyncio.gather(*(served_by(n, s) for n, s in zip(mesh, systems, strict=True)))
+        seen: list[set[str]] = []
+        async with asyncio.timeout(30):
+            while True:
+                seen = await mapping()
+                if all(len(s) == 1 for s in seen) and len(set().union(*seen)) == 3:
+                    break
+        assert await mapping() == seen == await mapping(), "the assignment stays put"
+    status, _, body = call(mesh["a"].url + f"/v1/deployments/{name}", "DELETE")
+    assert status == 200, body

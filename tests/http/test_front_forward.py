@@ -40,7 +40,7 @@ class FakeNode:
     def abilities(self, name: str) -> tuple[str, ...]:
         return ("chat", "completion")
 
-    def route(self, name: str, key: bytes) -> list[Target]:
+    def route(self, name: str, key: bytes, prefix: bool = True) -> list[Target]:
         if not self.targets:
             raise ModelUnavailable(f"model {name!r} has no ready replica; retry shortly")
         return list(self.targets)

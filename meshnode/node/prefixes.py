@@ -1,0 +1,169 @@
+"""Which prompt prefixes each replica serves: the ledger a node gossips, and the balanced
+assignment of prefixes to replicas that every node computes from the gossiped ledgers.
+
+A prefix id is 32 bits of a hash of a generative request's routing key (router.request_key:
+model, system prompt and first user message, or a prompt's first bytes)::
+
+    pid = blake2b32(key, person="meshnode/prefix")        # big-endian u32
+
+Ledger (one per node, `PrefixLedger`): for each local replica, the ids of the prefixes it
+served in the last `ttl_s`, at most `per_replica` of them, the least recently served dropped
+first. It approximates what the replica's KV and prompt caches hold, as SGLang's router
+approximates its workers' radix caches by what it sent them. Gossiped in NodeMeta.prefixes as
+(deployment, the ids sorted and packed as big-endian u32): the bytes change only when the set
+does, so a meta update (one incarnation) goes out only when a prefix is new to a replica or
+ages out, at most once a second (the meta check).
+
+Assignment (`assign`, every node, per deployment, from the ready replicas' ledgers)::
+
+    K     = distinct ids in the ledgers;  R = ready replicas;  cap = ceil(K / R)
+    for pid in sorted(ids):                    # one fixed order, so every node agrees
+        owner[pid] = the first of ring.order(pid) that advertises pid and holds < cap
+    for each pid left, in the same order:
+        owner[pid] = the first of ring.order(pid) that holds < cap
+
+Sticky (a prefix stays on a replica that has it while that replica holds no more than its
+share) and balanced (no replica owns more than ceil(K / R) prefixes): with three prefixes and
+three replicas each gets one, where a plain consistent-hash ring puts two on one replica 7
+times in 9. Two nodes that saw two new prefixes at the same moment may send both to one
+replica; once the ledgers are gossiped (about a second) the assignment moves one of them,
+which costs that prefix one cold evaluation on its new replica. A prefix in no ledger yet goes
+to the replica that owns the fewest (ties: ring order); the router remembers that choice
+until gossip carries it, so this node's next new prefix goes elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+
+from meshnode.mesh.hashing import Ring
+
+__all__ = ["PREFIXES_PER_REPLICA", "PREFIX_TTL_S", "PrefixLedger", "Assignment", "assign",
+           "pid_bytes", "prefix_id", "unpack"]
+
+PREFIXES_PER_REPLICA = 16
+"""Prefix ids a replica advertises: 16 cost 64 bytes of the 1 KB meta per replica. Past 16
+live prefixes per replica the counts saturate and the assignment degrades to ring order,
+which spreads many prefixes evenly anyway."""
+PREFIX_TTL_S = 600.0
+"""A prefix not served for this long leaves the ledger: its KV state has likely been evicted
+(a llama.cpp replica keeps ~11,000 tokens of SmolLM2 prompt states by default)."""
+
+
+def prefix_id(key: bytes) -> int:
+    """The 32-bit id of a routing key."""
+    return int.from_bytes(hashlib.blake2b(key, digest_size=4, person=b"meshnode/prefix")
+                          .digest(), "big")
+
+
+def pid_bytes(pid: int) -> bytes:
+    """The ring key of a prefix id (its assignment and retry order)."""
+    return pid.to_bytes(4, "big")
+
+
+@functools.lru_cache(maxsize=1024)  # a peer's packed ids repeat until its ledger changes
+def unpack(packed: bytes) -> frozenset[int]:
+    """The ids in a gossiped ledger entry; empty if it is not a whole number of u32s."""
+    if len(packed) % 4:
+        return frozenset()
+    return frozenset(int.from_bytes(packed[i:i + 4], "big") for i in range(0, len(packed), 4))
+
+
+class PrefixLedger:
+    """This node's record of the prefixes each local replica served (see the module doc)."""
+
+    def __init__(self, per_replica: int = PREFIXES_PER_REPLICA, ttl_s: float = PREFIX_TTL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_replica, self.ttl_s, self._clock = per_replica, ttl_s, clock
+        self._seen: dict[str, OrderedDict[int, float]] = {}  # name -> pid -> last served
+        self._packed: dict[str, bytes] = {}  # name -> sorted ids packed, while unchanged
+
+    def record(self, name: str, key: bytes) -> None:
+        """Replica `name` serves a request with routing `key`."""
+        seen = self._seen.setdefault(name, OrderedDict())
+        pid = prefix_id(key)
+        if pid in seen:
+            seen.move_to_end(pid)
+        else:
+            self._packed.pop(name, None)
+            if len(seen) >= self.per_replica:
+                seen.popitem(last=False)
+        seen[pid] = self._clock()
+
+    def packed(self, name: str) -> bytes:
+        """Replica `name`'s live ids, sorted and packed (the gossiped form)."""
+        packed = self._packed.get(name)
+        if packed is None:
+            seen = self._seen.get(name, {})
+            packed = self._packed[name] = b"".join(pid_bytes(p) for p in sorted(seen))
+        return packed
+
+    def snapshot(self, names: Iterable[str], max_bytes: int) -> tuple[tuple[str, bytes], ...]:
+        """(name, packed ids) of the replicas `names`, aged out by ttl_s, for NodeMeta; the
+        most recent ids first within `max_bytes` of packed ids (a meta has 1 KB in all)."""
+        horizon = self._clock() - self.ttl_s
+        names = sorted(names)
+        for name in list(self._seen):
+            seen = self._seen[name]
+            if name not in names:
+                del self._seen[name]
+                self._packed.pop(name, None)
+                continue
+            while seen and next(iter(seen.values())) < horizon:
+                seen.popitem(last=False)
+                self._packed.pop(name, None)
+        out = [(n, self.packed(n)) for n in names if self._seen.get(n)]
+        total = sum(len(p) for _, p in out)
+        if total <= max_bytes:
+            return tuple(out)
+        keep = max(0, max_bytes // 4 // max(1, len(out)))  # ids per replica that fit
+        return tuple((n, b"".join(pid_bytes(p) for p in sorted(list(self._seen[n])[-keep:])))
+                     for n, _ in out)
+
+
+class Assignment:
+    """Prefix id -> owning replica, and how many prefixes each replica owns."""
+
+    __slots__ = ("advertised", "counts", "owner")
+
+    def __init__(self, owner: dict[int, str], counts: dict[str, int],
+                 advertised: Mapping[str, frozenset[int]]) -> None:
+        self.owner, self.counts, self.advertised = owner, counts, advertised
+
+    def new_owner(self, order: tuple[str, ...]) -> str:
+        """For a prefix in no ledger: the replica owning the fewest, ties in ring `order`."""
+        counts = self.counts
+        return min(order, key=lambda n: counts.get(n, 0))
+
+
+def assign(ring: Ring, advertised: Mapping[str, frozenset[int]]) -> Assignment:
+    """The balanced, sticky assignment of the module docstring over the ring's nodes;
+    `advertised` maps a node id to the prefix ids its ledger holds."""
+    nodes = ring.nodes
+    ids = sorted(set().union(*(advertised.get(n, frozenset()) for n in nodes)))
+    counts = dict.fromkeys(nodes, 0)
+    owner: dict[int, str] = {}
+    if not nodes:
+        return Assignment(owner, counts, advertised)
+    cap = math.ceil(len(ids) / len(nodes))
+    empty: frozenset[int] = frozenset()
+    left = []
+    for pid in ids:  # first every prefix that can stay on a replica advertising it
+        order = ring.order(pid_bytes(pid))
+        chosen = next((n for n in order if counts[n] < cap and pid in advertised.get(n, empty)),
+                      None)
+        if chosen is None:
+            left.append((pid, order))
+        else:
+            owner[pid] = chosen
+            counts[chosen] += 1
+    for pid, order in left:  # then the rest where there is room: cap * R >= K, one fits
+        chosen = next(n for n in order if counts[n] < cap)
+        owner[pid] = chosen
+        counts[chosen] += 1
+    return Assignment(owner, counts, advertised)

@@ -1,0 +1,159 @@
+"""Prefix ledgers and the balanced, sticky assignment of prefixes to replicas."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+
+from meshnode.mesh.hashing import Ring
+from meshnode.node.prefixes import PrefixLedger, assign, pid_bytes, prefix_id, unpack
+from meshnode.node.router import PENDING_S, Router
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def packed(*keys: bytes) -> bytes:
+    return b"".join(pid_bytes(p) for p in sorted(prefix_id(k) for k in keys))
+
+
+def test_prefix_ids_are_stable_32_bit_and_pack_round_trips() -> None:
+    assert prefix_id(b"m\0system") == prefix_id(b"m\0system")
+    assert prefix_id(b"m\0system") != prefix_id(b"m\0system2")
+    assert 0 <= prefix_id(b"x") < 2**32
+    ids = {prefix_id(b"a"), prefix_id(b"b")}
+    assert unpack(packed(b"a", b"b")) == ids
+    assert unpack(b"\x00\x01\x02") == frozenset()  # not whole u32s: ignored, not a crash
+    assert unpack(b"") == frozenset()
+
+
+def test_ledger_keeps_recent_prefixes_sorted_and_bounded() -> None:
+    clock = Clock()
+    ledger = PrefixLedger(per_replica=3, ttl_s=60, clock=clock)
+    for k in (b"a", b"b", b"c", b"a", b"d"):  # "b" is the least recently served
+        ledger.record("dep", k)
+        clock.now += 1
+    assert ledger.packed("dep") == packed(b"a", b"c", b"d")
+    before = ledger.packed("dep")
+    ledger.record("dep", b"a")
+    assert ledger.packed("dep") is before  # the same set: the gossiped bytes do not change
+    assert ledger.snapshot(["dep"], 512) == (("dep", packed(b"a", b"c", b"d")),)
+    clock.now += 58.5  # "c" (served at 1002) is now older than 60 s; "a" and "d" are not
+    assert ledger.snapshot(["dep"], 512) == (("dep", packed(b"a", b"d")),)
+    clock.now += 100
+    assert ledger.snapshot(["dep"], 512) == ()
+    assert ledger.packed("dep") == b""
+
+
+def test_ledger_snapshot_drops_unloaded_replicas_and_fits_its_budget() -> None:
+    clock = Clock()
+    ledger = PrefixLedger(per_replica=16, clock=clock)
+    for i in range(16):
+        ledger.record("one", b"k%d" % i)
+        ledger.record("two", b"k%d" % i)
+        clock.now += 1
+    assert [n for n, _ in ledger.snapshot(["one", "two"], 512)] == ["one", "two"]
+    assert ledger.snapshot(["two"], 512) == (("two", ledger.packed("two")),)
+    assert ledger.packed("one") == b""  # "one" is no longer ready here: forgotten
+    for i in range(16):
+        ledger.record("one", b"k%d" % i)
+    small = dict(ledger.snapshot(["one", "two"], 40))  # room for 5 ids each
+    assert all(len(p) == 20 for p in small.values())
+    assert unpack(small["one"]) == {prefix_id(b"k%d" % i) for i in range(11, 16)}  # newest
+
+
+def test_three_prefixes_on_three_replicas_get_one_each_unlike_a_plain_ring() -> None:
+    rng = random.Random(7)
+    collided = 0
+    for trial in range(300):
+        nodes = [f"node-{trial}-{i}" for i in range(3)]
+        keys = [b"prompt %d/%d" % (trial, j) for j in range(3)]
+        ring = Ring(nodes)
+        router = Router()
+        owners = [router.order("dep", k, dict.fromkeys(nodes, 0), {})[0] for k in keys]
+        assert sorted(owners) == sorted(nodes), (trial, owners)  # new prefixes spread
+        collided += len({ring.lookup(pid_bytes(prefix_id(k))) for k in keys}) < 3
+        # Once gossiped, every node computes the same one-each assignment from the ledgers.
+        ledgers = {n: packed(k) for n, k in zip(owners, keys, strict=True)}
+        rng.shuffle(nodes)
+        other = Router()
+        assert [other.order("dep", k, dict.fromkeys(nodes, 0), ledgers)[0]
+                for k in keys] == owners
+    assert collided > 150  # the ring alone puts two on one replica ~7 times in 9
+
+
+def test_assignment_is_balanced_sticky_and_order_independent() -> None:
+    rng = random.Random(3)
+    for trial in range(200):
+        nodes = [f"n{trial}-{i}" for i in range(rng.randint(1, 6))]
+        ring = Ring(nodes)
+        ids = [rng.getrandbits(32) for _ in range(rng.randint(0, 40))]
+        advertised = {n: frozenset() for n in nodes}
+        for pid in ids:  # each prefix advertised by one or two random replicas
+            for n in rng.sample(nodes, min(len(nodes), rng.randint(1, 2))):
+                advertised[n] = advertised[n] | {pid}
+        a = assign(ring, advertised)
+        cap = math.ceil(len(set(ids)) / len(nodes))
+        assert set(a.owner) == set(ids)
+        assert max(Counter(a.owner.values()).values(), default=0) <= cap
+        assert sum(a.counts.values()) == len(set(ids))
+        shuffled = dict(sorted(advertised.items(), key=lambda _: rng.random()))
+        assert assign(Ring(reversed(nodes)), shuffled).owner == a.owner
+    # Balanced ledgers stay as they are: nothing moves.
+    ring = Ring(["a", "b", "c"])
+    mine = {"a": frozenset({1, 2}), "b": frozenset({3, 4}), "c": frozenset({5})}
+    assert assign(ring, mine).owner == {1: "a", 2: "a", 3: "b", 4: "b", 5: "c"}
+
+
+def test_a_race_that_put_two_prefixes_on_one_replica_moves_exactly_one() -> None:
+    ring = Ring(["a", "b", "c"])
+    a = assign(ring, {"a": frozenset({10, 20}), "b": frozenset({30}), "c": frozenset()})
+    assert a.owner[30] == "b"
+    assert Counter(a.owner.values()) == {"a": 1, "b": 1, "c": 1}
+    moved = next(p for p in (10, 20) if a.owner[p] != "a")
+    # The new holder advertises it too (the old one still does, until it ages out): stable.
+    again = assign(ring, {"a": frozenset({10, 20}), "b": frozenset({30}),
+                          "c": frozenset({moved})})
+    assert again.owner == a.owner
+
+
+def test_pending_choices_spread_until_gossip_and_then_expire() -> None:
+    clock = Clock()
+    router = Router(clock=clock)
+    nodes = {"a": 0, "b": 0}
+    first = router.order("dep", b"k1", nodes, {})[0]
+    assert router.order("dep", b"k1", nodes, {})[0] == first  # before gossip: remembered
+    second = router.order("dep", b"k2", nodes, {})[0]
+    assert second != first
+    # Gossip now shows k1 on `first`: the pending entry is dropped, the choice stays.
+    assert router.order("dep", b"k1", nodes, {first: packed(b"k1")})[0] == first
+    clock.now += PENDING_S + 1  # k2 never showed up in a ledger: forgotten
+    fresh = Router()
+    assert router.order("dep", b"k3", nodes, {first: packed(b"k1")})[0] == \
+        fresh.order("dep", b"k3", nodes, {first: packed(b"k1")})[0] != first
+
+
+def test_a_hot_prefix_spills_to_another_holder_of_it_first() -> None:
+    router = Router()
+    nodes = ["a", "b", "c", "d"]
+    ledgers = {"a": packed(b"hot"), "b": b"", "c": packed(b"hot", b"x"), "d": b""}
+    owner = router.order("dep", b"hot", dict.fromkeys(nodes, 0), ledgers)[0]
+    other = ({"a", "c"} - {owner}).pop()
+    loads = dict.fromkeys(nodes, 0)
+    loads[owner] = 3  # total 3 + 1: capacity ceil(1.25 * 4 / 4) = 2
+    order = router.order("dep", b"hot", loads, ledgers)
+    assert order[0] == other and set(order) == set(nodes)
+
+
+def test_embeddings_route_on_the_plain_ring() -> None:
+    nodes = {"n1": 0, "n2": 0, "n3": 0}
+    ring = Ring(nodes)
+    for i in range(20):
+        key = b"m\0input %d" % i
+        assert Router().order("dep", key, nodes)[0] == ring.lookup(key)
