@@ -268,8 +268,10 @@ class Ring:
         return self.choose_in(self.order(key), loads, c)
 
     def choose_in(self, order: tuple[str, ...], loads: Mapping[str, int],
-                  c: float = DEFAULT_LOAD_FACTOR) -> str:
-        """:meth:`choose` given the key's walk `order` (from :meth:`order`)."""
+                  c: float = DEFAULT_LOAD_FACTOR, floor: int = 1) -> str:
+        """:meth:`choose` given the key's walk `order` (from :meth:`order`), with capacity
+        max(ceil(c * (total_load + 1) / n), floor): below `floor` in-flight requests no node
+        counts as full (a larger capacity keeps the existence proof)."""
         if not 1.0 <= c < math.inf:
             raise ValueError(f"c must be finite and >= 1, got {c!r}")
         get = loads.get
@@ -279,7 +281,7 @@ class Ring:
             if load < 0:
                 raise ValueError("loads must be >= 0")
             total += load
-        capacity = math.ceil(c * (total + 1) / len(self._nodes))
+        capacity = max(math.ceil(c * (total + 1) / len(self._nodes)), floor)
         for node in order:
             if get(node, 0) + 1 <= capacity:
                 return node

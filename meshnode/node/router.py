@@ -12,7 +12,8 @@ owning the fewest::
     pid    = prefix_id(key)
     owner  = assignment.owner[pid], or the new owner (fewest prefixes, ties in ring order)
     order  = [owner] + the other replicas advertising pid + the rest, each in ring.order(pid)
-    first  = the first of `order` under the bounded-load capacity (c = 1.25)
+    first  = the first of `order` under the bounded-load capacity,
+             max(ceil(1.25 * (total in flight + 1) / R), MIN_CAPACITY)
 
 Embeddings and rerank have no prefix to reuse: `first` is the bounded-load choice on the ring
 walk from the key. Either way the rest of the ring walk is the retry order.
@@ -59,6 +60,14 @@ _RING_CACHE = 256
 
 _PID_CACHE = 4096
 """Routing keys whose prefix id is remembered (cleared when full)."""
+MIN_CAPACITY = 2
+"""In-flight requests any replica may hold before the load bound can move a request away
+from its prefix's replica. Gossiped loads are snapshots taken at the last probe (up to a
+probe round old), so a replica answering one request may look busy after it finished; with
+a floor of 1 the bound, ceil(1.25 * (total + 1) / n), is 1 whenever fewer than n requests run,
+and such a stale 1 sent a prefix to a cold replica, whose evaluation of a long prompt costs
+more than waiting behind one request. Above n * 2 / 1.25 requests in flight the floor no
+longer matters: the bound is the 1.25 x mean rule."""
 PENDING_S = 10.0
 """How long this node remembers where it sent a prefix that no gossiped ledger shows yet
 (a replica's ledger reaches every node in about a second: the meta check plus gossip)."""
@@ -98,8 +107,10 @@ class Router:
     remembers where it sent prefixes that gossip does not show yet."""
 
     def __init__(self, load_factor: float = DEFAULT_LOAD_FACTOR,
+                 min_capacity: int = MIN_CAPACITY,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.load_factor = load_factor
+        self.min_capacity = min_capacity
         self.forwarded: Counter[str] = Counter()
         """Node id -> requests this node has sent there and not yet seen answered."""
         self._clock = clock
@@ -147,7 +158,7 @@ class Router:
             advertised, empty = assignment.advertised, frozenset[int]()
             order = (owner, *(n for n in walk if n != owner and pid in advertised.get(n, empty)))
             order += tuple(n for n in walk if n not in order)
-        first = ring.choose_in(order, loads, self.load_factor)
+        first = ring.choose_in(order, loads, self.load_factor, self.min_capacity)
         return [first, *(n for n in order if n != first)]
 
     def _assignment(self, name: str, ring: Ring, ledgers: Mapping[str, bytes]) -> Assignment:
@@ -157,8 +168,9 @@ class Router:
         if pending:
             now = self._clock()
             for pid, (node, until) in list(pending.items()):
-                if until < now or node not in ring or pid in unpack(ledgers.get(node, b"")):
-                    del pending[pid]  # expired, gone, or gossip shows it now
+                if until < now or node not in ring or any(pid in unpack(p)
+                                                          for p in ledgers.values()):
+                    del pending[pid]  # expired, gone, or a ledger shows it: gossip decides
         state = (ring.nodes, tuple(sorted(ledgers.items())),
                  tuple(sorted(pending.items())) if pending else ())
         cached = self._assigned.get(name)

@@ -157,3 +157,13 @@ def test_embeddings_route_on_the_plain_ring() -> None:
     for i in range(20):
         key = b"m\0input %d" % i
         assert Router().order("dep", key, nodes)[0] == ring.lookup(key)
+
+
+def test_a_pending_choice_gives_way_once_any_ledger_shows_the_prefix() -> None:
+    router, nodes = Router(), {"a": 0, "b": 0, "c": 0}
+    mine = router.order("dep", b"k1", nodes, {})[0]
+    elsewhere = next(n for n in nodes if n != mine)  # another node's choice was served first
+    ledgers = {elsewhere: packed(b"k1")}
+    assert router.order("dep", b"k1", nodes, ledgers)[0] == elsewhere
+    assert router.order("dep", b"k2", nodes, ledgers)[0] == \
+        Router().order("dep", b"k2", nodes, ledgers)[0]  # the same view as every other node

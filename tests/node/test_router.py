@@ -94,3 +94,13 @@ def test_gossiped_load_and_own_count_are_not_added() -> None:
 
 def test_no_ready_replica_gives_no_order() -> None:
     assert Router().order("dep", b"k", {}) == []
+
+
+def test_one_request_in_flight_does_not_move_a_prefix() -> None:
+    nodes = {"n1": 0, "n2": 0, "n3": 0}
+    owner = Router().order("dep", b"k", nodes, {})[0]
+    busy = {**nodes, owner: 1}  # e.g. a gossiped snapshot taken while it served one
+    assert Router().order("dep", b"k", busy, {})[0] == owner
+    # Without the floor the bound, ceil(1.25 * 2 / 3) = 1, would send it to a cold replica.
+    assert Router(min_capacity=1).order("dep", b"k", busy, {})[0] != owner
+    assert Router().order("dep", b"k", {**nodes, owner: 2}, {})[0] != owner
