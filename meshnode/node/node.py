@@ -193,7 +193,7 @@ class Node:
 
     def _meta(self) -> NodeMeta:
         hw = self.hardware
-        return NodeMeta(
+        return self.prefixes.meta(NodeMeta(
             name=self.name, http_host=self.config.host, http_port=self.http_port,
             ram_mb=hw.ram_mb if hw else 0, gpus=len(hw.gpus) if hw else 0,
             engines=tuple(o.engine for o in self.engines if o.available),
@@ -201,9 +201,8 @@ class Node:
             version=__version__, deployments_digest=self.deployments.digest(),
             internal_port=self.internal_port,
             revocation_seq=self.security.revocation_seq if self.security else 0,
-            keys_digest=self.api_keys.digest(),
-            prefixes=self.prefixes.snapshot(
-                [n for n, r in self.replicas.items() if r.state == "ready"], 512))
+            keys_digest=self.api_keys.digest()),
+            [n for n, r in self.replicas.items() if r.state == "ready"])
 
     def _local_in_flight(self) -> int:
         return sum(r.in_flight for r in self.replicas.values())

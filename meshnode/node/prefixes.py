@@ -41,7 +41,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 
+import msgspec
+
+from meshnode.mesh import MeshConfig
 from meshnode.mesh.hashing import Ring
+
+from .cluster import NodeMeta
 
 __all__ = ["PREFIXES_PER_REPLICA", "PREFIX_TTL_S", "PrefixLedger", "Assignment", "assign",
            "pid_bytes", "prefix_id", "unpack"]
@@ -53,6 +58,10 @@ which spreads many prefixes evenly anyway."""
 PREFIX_TTL_S = 600.0
 """A prefix not served for this long leaves the ledger: its KV state has likely been evicted
 (a llama.cpp replica keeps ~11,000 tokens of SmolLM2 prompt states by default)."""
+
+
+_META_BYTES = MeshConfig().meta_max_bytes
+_encode = msgspec.msgpack.encode
 
 
 def prefix_id(key: bytes) -> int:
@@ -104,8 +113,8 @@ class PrefixLedger:
         return packed
 
     def snapshot(self, names: Iterable[str], max_bytes: int) -> tuple[tuple[str, bytes], ...]:
-        """(name, packed ids) of the replicas `names`, aged out by ttl_s, for NodeMeta; the
-        most recent ids first within `max_bytes` of packed ids (a meta has 1 KB in all)."""
+        """(name, packed ids) of the replicas `names`, aged out by ttl_s, for NodeMeta: as
+        msgpack at most `max_bytes` (the room a meta has left), keeping the most recent ids."""
         horizon = self._clock() - self.ttl_s
         names = sorted(names)
         for name in list(self._seen):
@@ -117,13 +126,19 @@ class PrefixLedger:
             while seen and next(iter(seen.values())) < horizon:
                 seen.popitem(last=False)
                 self._packed.pop(name, None)
-        out = [(n, self.packed(n)) for n in names if self._seen.get(n)]
-        total = sum(len(p) for _, p in out)
-        if total <= max_bytes:
-            return tuple(out)
-        keep = max(0, max_bytes // 4 // max(1, len(out)))  # ids per replica that fit
-        return tuple((n, b"".join(pid_bytes(p) for p in sorted(list(self._seen[n])[-keep:])))
-                     for n, _ in out)
+        live = [n for n in names if self._seen.get(n)]
+        out = tuple((n, self.packed(n)) for n in live)
+        keep = self.per_replica
+        while keep > 0 and len(_encode(out)) > max_bytes:
+            keep //= 2  # ids per replica that fit, the most recent
+            out = tuple((n, b"".join(pid_bytes(p) for p in sorted(list(self._seen[n])[-keep:])))
+                        for n in live) if keep else ()
+        return out
+
+    def meta(self, meta: NodeMeta, names: Iterable[str]) -> NodeMeta:
+        """`meta` with the ledgers of the replicas `names` in the room it has left."""
+        room = _META_BYTES - len(_encode(meta)) - 8  # 8: the field's own msgpack framing
+        return msgspec.structs.replace(meta, prefixes=self.snapshot(names, room))
 
 
 class Assignment:

@@ -6,7 +6,10 @@ import math
 import random
 from collections import Counter
 
+import msgspec
+
 from meshnode.mesh.hashing import Ring
+from meshnode.node.cluster import NodeMeta
 from meshnode.node.prefixes import PrefixLedger, assign, pid_bytes, prefix_id, unpack
 from meshnode.node.router import PENDING_S, Router
 
@@ -63,9 +66,28 @@ def test_ledger_snapshot_drops_unloaded_replicas_and_fits_its_budget() -> None:
     assert ledger.packed("one") == b""  # "one" is no longer ready here: forgotten
     for i in range(16):
         ledger.record("one", b"k%d" % i)
-    small = dict(ledger.snapshot(["one", "two"], 40))  # room for 5 ids each
-    assert all(len(p) == 20 for p in small.values())
-    assert unpack(small["one"]) == {prefix_id(b"k%d" % i) for i in range(11, 16)}  # newest
+    small = dict(ledger.snapshot(["one", "two"], 40))  # 15 bytes of framing + 8 per id pair
+    assert all(len(p) == 8 for p in small.values())
+    assert unpack(small["one"]) == {prefix_id(b"k%d" % i) for i in (14, 15)}  # the newest
+    assert ledger.snapshot(["one", "two"], 10) == ()
+
+
+def test_a_meta_with_ledgers_stays_within_the_gossiped_meta_limit() -> None:
+    ledger = PrefixLedger()
+    names = [f"model-{i}" for i in range(12)]
+    for name in names:
+        for j in range(16):
+            ledger.record(name, b"k%d" % j)
+    meta = NodeMeta(name="gpu-box-1.lan", http_host="192.168.100.200", http_port=7700,
+                    engines=("llama.cpp", "transformers", "mlx", "vllm", "sglang"),
+                    replicas=tuple((n, "ready") for n in names), deployments_digest="a" * 32,
+                    keys_digest="b" * 32)
+    full = ledger.meta(meta, names)
+    assert 0 < len(full.prefixes) and len(msgspec.msgpack.encode(full)) <= 1024
+    crowded = msgspec.structs.replace(meta, replicas=tuple((n * 4, "ready") for n in names))
+    assert len(msgspec.msgpack.encode(ledger.meta(crowded, names))) <= 1024  # no room: none
+    one = ledger.meta(meta, names[:1])
+    assert one.prefixes == ((names[0], ledger.packed(names[0])),)  # all 16 fit
 
 
 def test_three_prefixes_on_three_replicas_get_one_each_unlike_a_plain_ring() -> None:
