@@ -38,6 +38,11 @@ SCHEMA_FORMAT = {"type": "json_schema",
 ASK = [{"role": "system", "content": "You answer in JSON."},
        {"role": "user", "content": "What is the capital of France? Give the city, its "
                                    "country and its population in millions."}]
+# Free-form JSON (json_object, a schema-less json_schema): no schema bounds a value, and asked
+# for a population, greedy SmolLM2 writes digits until max_tokens on some CPUs (their float
+# rounding differs), so these ask for two short strings: the grammar is what is under test.
+ASK_OBJECT = [ASK[0], {"role": "user", "content": "What is the capital of France? Give the "
+                                                  "city and its country."}]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +89,7 @@ def test_chat_json_schema_stream(client: openai.OpenAI, openai_spec: OpenAISpec)
 
 def test_chat_json_object(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
-        model=MODEL, messages=ASK, max_tokens=150, temperature=0,
+        model=MODEL, messages=ASK_OBJECT, max_tokens=150, temperature=0,
         response_format={"type": "json_object"})
     text = reply.choices[0].message.content or ""
     assert reply.choices[0].finish_reason == "stop", text
@@ -93,8 +98,9 @@ def test_chat_json_object(client: openai.OpenAI) -> None:
 
 def test_json_schema_without_schema_is_any_object(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
-        model=MODEL, messages=ASK, max_tokens=150, temperature=0,
+        model=MODEL, messages=ASK_OBJECT, max_tokens=150, temperature=0,
         response_format={"type": "json_schema", "json_schema": {"name": "anything"}})
+    assert reply.choices[0].finish_reason == "stop", reply
     assert isinstance(_valid(reply.choices[0].message.content or "", None), dict)
 
 
