@@ -107,7 +107,7 @@ async def dispatch(call: Call, name: str, path: str, body: bytes, key: bytes,
     if call.served_here:
         replica = node.replica(name)
         if prefix:
-            node.prefixes.record(name, key)
+            node.serving_prefix(name, key)
         return await relay(call, replica, path, body, sink)
     targets = [t for t in node.route(name, key, prefix) if t.node_id != exclude]
     last: ModelUnavailable | None = None
@@ -119,7 +119,7 @@ async def dispatch(call: Call, name: str, path: str, body: bytes, key: bytes,
                 continue  # it went away since the route was computed: try the next one
             replica = node.replica(name)
             if prefix:
-                node.prefixes.record(name, key)
+                node.serving_prefix(name, key)
             return await relay(call, replica, path, body, sink)
         if await _forward(call, target, path, body, final, sink):
             return None

@@ -207,6 +207,11 @@ class Cluster:
                 self._last_meta = meta
                 self.mesh.update_meta()
 
+    @property
+    def gossiped_meta(self) -> bytes:
+        """The meta this node last gave the mesh (NodeMeta, msgpack)."""
+        return self._last_meta
+
     def refresh_meta(self) -> None:
         """Gossip a changed meta now rather than at the next check."""
         meta = self._delegate.node_meta()

@@ -51,12 +51,12 @@ from .errors import (
 )
 from .keysync import NodeKeys
 from .peers import PLACEMENT_STATES, PeerView, Target
-from .replicas import Replica, ReplicaStatus
+from .replicas import Replica
 from .prefixes import PrefixLedger
 from .router import Router
 from .security import INTERNAL_REVOCATION_PATH, ClusterSecurity
 from .sync import DeploymentSync, Peer, TableSync, encode_entries
-from .views import DeploymentView, deployment_status
+from .views import DeploymentView, deployment_status, placed_replicas
 
 __all__ = ["DeploymentView", "Node", "NodeState"]
 
@@ -219,9 +219,6 @@ class Node:
         view[self.node_id] = self._meta()
         return view
 
-    def peer_url(self, meta: NodeMeta) -> str:
-        return self.peers.url(meta)
-
     def verify_peer_tls(self, ssl_object: object, node_id: str) -> None:
         """Raise unless the TLS peer is node `node_id` of this cluster and not revoked
         (a no-op in an open cluster)."""
@@ -283,7 +280,7 @@ class Node:
             try:
                 if self.deployments.purge():
                     self._table_changed()
-                alive = [(node_id, self.peer_url(meta), meta)
+                alive = [(node_id, self.peers.url(meta), meta)
                          for node_id, meta, _ in self.peers.peers((MemberState.ALIVE,))]
                 self.sync.check(Peer(i, url, m.deployments_digest) for i, url, m in alive)
                 if self.revocation_sync is not None and self.security is not None:
@@ -418,15 +415,7 @@ class Node:
         """The deployment as the cluster runs it: every replica on a live member, ours too."""
         d = self._get(name)
         members = self._placement_view()
-        placed: list[ReplicaStatus] = []
-        for node_id, meta in sorted(members.items(), key=lambda kv: kv[1].name):
-            if node_id == self.node_id:
-                replica = self.replicas.get(name)
-                if replica is not None:
-                    placed.append(replica.status())
-            else:
-                placed += [ReplicaStatus(node=meta.name, state=state)
-                           for n, state in meta.replicas if n == name]
+        placed = placed_replicas(name, members, self.node_id, self.replicas.get(name))
         status, message = deployment_status(d, placed, members, size_mb(d.model))
         return DeploymentView(
             name=d.name, model=d.model, engine=d.engine, replicas=d.replicas,
@@ -460,11 +449,7 @@ class Node:
         ModelNotFound for an unknown deployment; ModelUnavailable (or ModelFailed) when no
         live member has a ready replica."""
         self._get(name)
-        holders = dict(self.peers.holders(name))  # node id -> (Target, load, packed prefixes)
-        local = self.replicas.get(name)
-        if local is not None and local.state == "ready":
-            holders[self.node_id] = (Target(self.node_id, self.name, "", True),
-                                     self._local_in_flight(), self.prefixes.packed(name))
+        holders, local = self._holders(name)
         if not holders:
             if local is not None:
                 local.session()  # raises ModelFailed / ModelUnavailable saying why
@@ -474,6 +459,22 @@ class Node:
         ledgers = {n: h[2] for n, h in holders.items()} if prefix else None
         order = self.router.order(name, key, {n: h[1] for n, h in holders.items()}, ledgers)
         return [holders[n][0] for n in order]
+
+    def _holders(self, name: str) -> tuple[dict[str, tuple[Target, int, bytes]], Replica | None]:
+        """Ready holders of `name` (node id -> Target, load, packed prefixes); our replica."""
+        holders = dict(self.peers.holders(name))
+        local = self.replicas.get(name)
+        if local is not None and local.state == "ready":
+            ours = self.peers.own_prefixes(name, self.prefixes.packed(name))  # as others see
+            holders[self.node_id] = (Target(self.node_id, self.name, "", True),
+                                     self._local_in_flight(), ours)
+        return holders, local
+
+    def serving_prefix(self, name: str, key: bytes) -> None:
+        """Our replica of `name` serves a generative request with `key`: Router.claims."""
+        ledgers = {n: h[2] for n, h in self._holders(name)[0].items()}
+        if self.router.claims(name, key, self.node_id, ledgers):
+            self.prefixes.record(name, key)
 
     def replica(self, name: str) -> Replica:
         """This node's replica of `name`; ModelNotFound if there is no such deployment,

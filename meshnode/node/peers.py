@@ -85,6 +85,13 @@ class PeerView:
                 out.append((m.node_id, meta, m.load))
         return out
 
+    def own_prefixes(self, name: str, live: bytes) -> bytes:
+        """The prefix ids of our replica of `name` as we last gossiped them, not our `live`
+        ledger (routing must see what every other node sees); `live` without a mesh."""
+        cluster = self._cluster()
+        meta = self.decode_meta(cluster.gossiped_meta) if cluster is not None else None
+        return live if meta is None else dict(meta.prefixes).get(name, b"")
+
     def url(self, meta: NodeMeta) -> str:
         """Base URL for node-to-node calls to a peer: its internal mTLS listener in a signed
         cluster, its public API in an open one."""

@@ -28,8 +28,14 @@ three replicas each gets one, where a plain consistent-hash ring puts two on one
 times in 9. Two nodes that saw two new prefixes at the same moment may send both to one
 replica; once the ledgers are gossiped (about a second) the assignment moves one of them,
 which costs that prefix one cold evaluation on its new replica. A prefix in no ledger yet goes
-to the replica that owns the fewest (ties: ring order); the router remembers that choice
-until gossip carries it, so this node's next new prefix goes elsewhere.
+to the replica that owns the fewest, ties broken in its own ring order, so a burst of new
+prefixes spreads like a ring before the ledgers catch up.
+
+Every input is gossiped state (a node counts its own ledger as it last gossiped it, not as it
+is now), so nodes with the same view make the same choice, new prefixes included. A replica
+claims a prefix (adds it to its ledger) only when it is the prefix's owner or nobody owns it
+yet (Router.claims): a request spilled there by the load bound warms its cache but moves no
+prefix.
 """
 
 from __future__ import annotations

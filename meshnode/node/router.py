@@ -34,9 +34,8 @@ is right when gossip is fresh and still counts our own when it is stale.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import msgspec
 
@@ -68,10 +67,6 @@ a floor of 1 the bound, ceil(1.25 * (total + 1) / n), is 1 whenever fewer than n
 and such a stale 1 sent a prefix to a cold replica, whose evaluation of a long prompt costs
 more than waiting behind one request. Above n * 2 / 1.25 requests in flight the floor no
 longer matters: the bound is the 1.25 x mean rule."""
-PENDING_S = 10.0
-"""How long this node remembers where it sent a prefix that no gossiped ledger shows yet
-(a replica's ledger reaches every node in about a second: the meta check plus gossip)."""
-
 _json = msgspec.json.Encoder().encode
 
 
@@ -103,23 +98,18 @@ def request_key(req: ChatCompletionRequest | CompletionRequest | EmbeddingReques
 
 
 class Router:
-    """Chooses among ready replicas; counts the requests this node has forwarded and
-    remembers where it sent prefixes that gossip does not show yet."""
+    """Chooses among ready replicas; counts the requests this node has forwarded."""
 
     def __init__(self, load_factor: float = DEFAULT_LOAD_FACTOR,
-                 min_capacity: int = MIN_CAPACITY,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 min_capacity: int = MIN_CAPACITY) -> None:
         self.load_factor = load_factor
         self.min_capacity = min_capacity
         self.forwarded: Counter[str] = Counter()
         """Node id -> requests this node has sent there and not yet seen answered."""
-        self._clock = clock
         self._rings: dict[tuple[str, frozenset[str]], Ring] = {}
         self._pids: dict[bytes, int] = {}  # recent routing key -> prefix id
-        # deployment -> (ready set, ledgers, pending), the assignment computed from them
+        # deployment -> (ready set, ledgers), the assignment computed from them
         self._assigned: dict[str, tuple[object, Assignment]] = {}
-        # deployment -> {prefix id: (node id, until)}: new prefixes sent before gossip shows
-        self._pending: dict[str, dict[int, tuple[str, float]]] = {}
 
     def ring(self, name: str, nodes: frozenset[str]) -> Ring:
         key = (name, nodes)
@@ -144,42 +134,46 @@ class Router:
         if ledgers is None:
             order = ring.order(key)
         else:
-            pid = self._pids.get(key)
-            if pid is None:
-                if len(self._pids) >= _PID_CACHE:
-                    self._pids.clear()
-                pid = self._pids[key] = prefix_id(key)
+            pid = self._pid(key)
             walk = ring.order(pid_bytes(pid))
             assignment = self._assignment(name, ring, ledgers)
             owner = assignment.owner.get(pid)
             if owner is None:
                 owner = assignment.new_owner(walk)
-                self._pending.setdefault(name, {})[pid] = (owner, self._clock() + PENDING_S)
             advertised, empty = assignment.advertised, frozenset[int]()
             order = (owner, *(n for n in walk if n != owner and pid in advertised.get(n, empty)))
             order += tuple(n for n in walk if n not in order)
         first = ring.choose_in(order, loads, self.load_factor, self.min_capacity)
         return [first, *(n for n in order if n != first)]
 
+    def claims(self, name: str, key: bytes, me: str, ledgers: Mapping[str, bytes]) -> bool:
+        """Whether replica `me` of `name` should add the prefix of `key`, which it is serving,
+        to its ledger: when no ledger has the prefix yet (the first server claims it), or when
+        the assignment gives it to `me`. A spilled request (its owner was busy) warms this
+        replica's cache but claims nothing, so a spill never moves a prefix: otherwise each
+        spill would add an advertiser, and the assignment, which prefers advertisers in ring
+        order, could move the prefix, and with it others."""
+        ring = self.ring(name, frozenset(ledgers))
+        pid = self._pid(key)
+        owner = self._assignment(name, ring, ledgers).owner.get(pid)
+        return owner is None or owner == me
+
+    def _pid(self, key: bytes) -> int:
+        pid = self._pids.get(key)
+        if pid is None:
+            if len(self._pids) >= _PID_CACHE:
+                self._pids.clear()
+            pid = self._pids[key] = prefix_id(key)
+        return pid
+
     def _assignment(self, name: str, ring: Ring, ledgers: Mapping[str, bytes]) -> Assignment:
-        """The assignment for `name` over `ring` from the gossiped `ledgers` plus this node's
-        pending choices; recomputed only when one of those changed."""
-        pending = self._pending.get(name)
-        if pending:
-            now = self._clock()
-            for pid, (node, until) in list(pending.items()):
-                if until < now or node not in ring or any(pid in unpack(p)
-                                                          for p in ledgers.values()):
-                    del pending[pid]  # expired, gone, or a ledger shows it: gossip decides
-        state = (ring.nodes, tuple(sorted(ledgers.items())),
-                 tuple(sorted(pending.items())) if pending else ())
+        """The assignment for `name` over `ring` from the gossiped `ledgers`, recomputed only
+        when they changed."""
+        state = (ring.nodes, tuple(sorted(ledgers.items())))
         cached = self._assigned.get(name)
         if cached is not None and cached[0] == state:
             return cached[1]
-        advertised = {n: unpack(ledgers.get(n, b"")) for n in ring.nodes}
-        for pid, (node, _) in (pending or {}).items():
-            advertised[node] = advertised[node] | {pid}
-        assignment = assign(ring, advertised)
+        assignment = assign(ring, {n: unpack(ledgers.get(n, b"")) for n in ring.nodes})
         if len(self._assigned) >= _RING_CACHE:
             self._assigned.clear()
         self._assigned[name] = (state, assignment)

@@ -9,9 +9,9 @@ import msgspec
 from . import placement
 from .cluster import NodeMeta
 from .deployments import Deployment
-from .replicas import ReplicaStatus
+from .replicas import Replica, ReplicaStatus
 
-__all__ = ["DeploymentView", "deployment_status"]
+__all__ = ["DeploymentView", "deployment_status", "placed_replicas"]
 
 
 class DeploymentView(msgspec.Struct, frozen=True, kw_only=True):
@@ -53,3 +53,18 @@ def deployment_status(d: Deployment, placed: list[ReplicaStatus],
     else:
         status, message = "loading", ""
     return status, message
+
+
+def placed_replicas(name: str, members: Mapping[str, NodeMeta], me: str,
+                    local: Replica | None) -> list[ReplicaStatus]:
+    """Every replica of `name` on the members (node id -> meta), by node name; our own (node
+    `me`) from its live status, the others' as they gossip them."""
+    placed: list[ReplicaStatus] = []
+    for node_id, meta in sorted(members.items(), key=lambda kv: kv[1].name):
+        if node_id == me:
+            if local is not None:
+                placed.append(local.status())
+        else:
+            placed += [ReplicaStatus(node=meta.name, state=state)
+                       for n, state in meta.replicas if n == name]
+    return placed
