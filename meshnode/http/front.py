@@ -255,15 +255,15 @@ class _Conn(asyncio.Protocol):
             sink.extra_head, len(targets) > 1, tls_check(call.node, first), self.set_source)
         if handle is None:
             return False
-        forwarded = call.node.router.forwarded
-        forwarded[first.node_id] += 1
+        forwarded, tracked = call.node.router.forwarded, (name, first.node_id)
+        forwarded[tracked] += 1
         self.active = handle
 
         def spliced(_: object) -> None:
             self.active = None
-            forwarded[first.node_id] -= 1
-            if forwarded[first.node_id] <= 0:
-                del forwarded[first.node_id]
+            forwarded[tracked] -= 1
+            if forwarded[tracked] <= 0:
+                del forwarded[tracked]
             done = handle.finish()
             if self.gone:
                 return

@@ -121,7 +121,7 @@ async def dispatch(call: Call, name: str, path: str, body: bytes, key: bytes,
             if prefix:
                 node.serving_prefix(name, key)
             return await relay(call, replica, path, body, sink)
-        if await _forward(call, target, path, body, final, sink):
+        if await _forward(call, name, target, path, body, final, sink):
             return None
         last = ModelUnavailable(f"model {name!r}: no replica answered; retry shortly")
     raise last or ModelUnavailable(f"model {name!r} has no ready replica; retry shortly")
@@ -205,14 +205,15 @@ def upstream_lost_event(target: Target) -> bytes:
         "type": "server_error", "param": None, "code": "upstream_lost"}}) + b"\n\n"
 
 
-async def _forward(call: Call, target: Target, path: str, body: bytes, final: bool,
-                   sink: Sink) -> bool:
+async def _forward(call: Call, name: str, target: Target, path: str, body: bytes,
+                   final: bool, sink: Sink) -> bool:
     """Pass the peer's answer on (True), or False to try the next target: it failed before
     its first byte (unreachable, or 503 when others remain)."""
     headers = forward_headers(call)
     assert call.peers is not None, "a Call that may forward needs the peers' pool"
     forwarded = call.node.router.forwarded  # in flight per target (Router.track, inlined)
-    forwarded[target.node_id] += 1
+    tracked = (name, target.node_id)
+    forwarded[tracked] += 1
     try:
         if sink.transport is not None:
             return await _splice(call, target, path, body, headers, final, sink)
@@ -254,9 +255,9 @@ async def _forward(call: Call, target: Target, path: str, body: bytes, final: bo
         finally:
             upstream.close()  # unless released above: the peer must see us go away
     finally:
-        forwarded[target.node_id] -= 1
-        if forwarded[target.node_id] <= 0:
-            del forwarded[target.node_id]
+        forwarded[tracked] -= 1
+        if forwarded[tracked] <= 0:
+            del forwarded[tracked]
 
 
 async def _splice(call: Call, target: Target, path: str, body: bytes, headers: dict[str, str],

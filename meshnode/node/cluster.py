@@ -58,6 +58,11 @@ class NodeLoad(msgspec.Struct, frozen=True, array_like=True):
     """Carried on acks and push-pull (<= 256 B). ONLY APPEND fields, each with a default."""
 
     in_flight: int = 0
+    """Requests this node's replicas are serving, all deployments together."""
+    replicas: tuple[tuple[str, int], ...] | None = None
+    """(deployment name, requests in flight) for each local replica serving any: what
+    routing's load bound compares. None from a node that predates it, or whose list did not
+    fit the load's bytes: routing then counts `in_flight` for each of its replicas."""
 
 
 class MemberView(msgspec.Struct, frozen=True, kw_only=True):

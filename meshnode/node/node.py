@@ -33,7 +33,7 @@ from meshnode.engines import (
     detect_hardware,
     probe_engines,
 )
-from meshnode.mesh import MemberState
+from meshnode.mesh import MemberState, MeshConfig
 from meshnode.mesh.crypto_errors import RevocationError, SecurityError
 from meshnode.mesh.identity import NodeIdentity
 
@@ -59,6 +59,9 @@ from .sync import DeploymentSync, Peer, TableSync, encode_entries
 from .views import DeploymentView, deployment_status, placed_replicas
 
 __all__ = ["DeploymentView", "Node", "NodeState"]
+
+_LOAD_BYTES = MeshConfig().load_max_bytes  # the mesh refuses a larger NodeLoad
+_encode = msgspec.msgpack.encode
 
 log = structlog.get_logger("meshnode.node")
 
@@ -193,6 +196,10 @@ class Node:
 
     def _meta(self) -> NodeMeta:
         hw = self.hardware
+        ready = [n for n, r in self.replicas.items() if r.state == "ready"]
+        for name in ready:  # prefixes that moved to another replica leave our ledger
+            ledgers = {n: h[2] for n, h in self._holders(name)[0].items()}
+            self.prefixes.forget(name, self.router.ceded(name, self.node_id, ledgers))
         return self.prefixes.meta(NodeMeta(
             name=self.name, http_host=self.config.host, http_port=self.http_port,
             ram_mb=hw.ram_mb if hw else 0, gpus=len(hw.gpus) if hw else 0,
@@ -201,14 +208,12 @@ class Node:
             version=__version__, deployments_digest=self.deployments.digest(),
             internal_port=self.internal_port,
             revocation_seq=self.security.revocation_seq if self.security else 0,
-            keys_digest=self.api_keys.digest()),
-            [n for n, r in self.replicas.items() if r.state == "ready"])
-
-    def _local_in_flight(self) -> int:
-        return sum(r.in_flight for r in self.replicas.values())
+            keys_digest=self.api_keys.digest()), ready)
 
     def _load(self) -> NodeLoad:
-        return NodeLoad(in_flight=self._local_in_flight())
+        busy = tuple((n, r.in_flight) for n, r in sorted(self.replicas.items()) if r.in_flight)
+        load = NodeLoad(in_flight=sum(c for _, c in busy), replicas=busy)
+        return load if len(_encode(load)) <= _LOAD_BYTES else NodeLoad(load.in_flight)
 
     def members(self) -> list[MemberView]:
         return self.cluster.members() if self.cluster is not None else []
@@ -467,7 +472,7 @@ class Node:
         if local is not None and local.state == "ready":
             ours = self.peers.own_prefixes(name, self.prefixes.packed(name))  # as others see
             holders[self.node_id] = (Target(self.node_id, self.name, "", True),
-                                     self._local_in_flight(), ours)
+                                     local.in_flight, ours)
         return holders, local
 
     def serving_prefix(self, name: str, key: bytes) -> None:

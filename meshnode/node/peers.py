@@ -110,7 +110,7 @@ class PeerView:
         if cached is not None and cached[0] > now:
             return cached[1]
         holders = {node_id: (Target(node_id, meta.name, self.url(meta), False),
-                             in_flight(load), dict(meta.prefixes).get(name, b""))
+                             replica_in_flight(load, name), dict(meta.prefixes).get(name, b""))
                    for node_id, meta, load in self.peers(PLACEMENT_STATES)
                    if (name, "ready") in meta.replicas}
         if len(self._holders) > _CACHE_MAX:
@@ -120,9 +120,20 @@ class PeerView:
 
 
 @functools.lru_cache(maxsize=_CACHE_MAX)  # a peer's load bytes repeat until its load changes
-def in_flight(load: bytes) -> int:
-    """The in-flight count in a peer's gossiped load; 0 if it cannot be read."""
+def _decode_load(load: bytes) -> NodeLoad:
     try:
-        return _load_decoder.decode(load).in_flight if load else 0
+        return _load_decoder.decode(load) if load else NodeLoad()
     except (msgspec.DecodeError, msgspec.ValidationError):
-        return 0
+        return NodeLoad()
+
+
+def replica_in_flight(load: bytes, name: str) -> int:
+    """The in-flight count of deployment `name`'s replica in a peer's gossiped load (its
+    node's whole count from a peer that gossips none per replica); 0 if it cannot be read."""
+    decoded = _decode_load(load)
+    if decoded.replicas is None:
+        return decoded.in_flight
+    for replica, count in decoded.replicas:
+        if replica == name:
+            return count
+    return 0

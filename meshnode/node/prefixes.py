@@ -35,7 +35,8 @@ Every input is gossiped state (a node counts its own ledger as it last gossiped 
 is now), so nodes with the same view make the same choice, new prefixes included. A replica
 claims a prefix (adds it to its ledger) only when it is the prefix's owner or nobody owns it
 yet (Router.claims): a request spilled there by the load bound warms its cache but moves no
-prefix.
+prefix. A replica drops from its ledger a prefix assigned to another replica once that one
+advertises it (Router.ceded, at each meta check), so each prefix settles on one advertiser.
 """
 
 from __future__ import annotations
@@ -109,6 +110,13 @@ class PrefixLedger:
             if len(seen) >= self.per_replica:
                 seen.popitem(last=False)
         seen[pid] = self._clock()
+
+    def forget(self, name: str, pids: Iterable[int]) -> None:
+        """Drop `pids` from replica `name`'s ledger (prefixes assigned elsewhere)."""
+        seen = self._seen.get(name)
+        for pid in pids if seen else ():
+            if seen.pop(pid, None) is not None:
+                self._packed.pop(name, None)
 
     def packed(self, name: str) -> bytes:
         """Replica `name`'s live ids, sorted and packed (the gossiped form)."""

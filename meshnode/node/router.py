@@ -25,8 +25,9 @@ under one long system prompt (an app's instructions, the expensive shared prefix
 while under a short one ("Be brief.") the first user message makes each conversation its own
 key, so its later turns, which extend the same prefix, return to the replica that holds it.
 
-Loads: a node's gossiped in-flight count, or this node's own count of requests it has
-forwarded there and not yet seen answered, whichever is larger. The gossiped count already
+Loads are per deployment (the bound compares a deployment's replicas, whatever else their
+nodes serve): a replica's gossiped in-flight count, or this node's own count of requests for
+that deployment it has forwarded there and not yet seen answered, whichever is larger. The gossiped count already
 includes ours once it has caught up, so adding the two would count ours twice; the larger one
 is right when gossip is fresh and still counts our own when it is stale.
 """
@@ -104,8 +105,9 @@ class Router:
                  min_capacity: int = MIN_CAPACITY) -> None:
         self.load_factor = load_factor
         self.min_capacity = min_capacity
-        self.forwarded: Counter[str] = Counter()
-        """Node id -> requests this node has sent there and not yet seen answered."""
+        self.forwarded: Counter[tuple[str, str]] = Counter()
+        """(deployment, node id) -> requests this node has sent there and not yet seen
+        answered."""
         self._rings: dict[tuple[str, frozenset[str]], Ring] = {}
         self._pids: dict[bytes, int] = {}  # recent routing key -> prefix id
         # deployment -> (ready set, ledgers), the assignment computed from them
@@ -122,7 +124,8 @@ class Router:
 
     def order(self, name: str, key: bytes, gossiped: Mapping[str, int],
               ledgers: Mapping[str, bytes] | None = None) -> list[str]:
-        """Ready node ids (the keys of `gossiped`, their gossiped loads) in the order to try.
+        """Ready node ids (the keys of `gossiped`, their replicas' gossiped in-flight counts)
+        in the order to try.
         With `ledgers` (node id -> its packed prefix ids for `name`; a generative request)
         the prefix's owner first, else the bounded-load choice on the ring walk from the key;
         then the rest of the ring walk. [] when none."""
@@ -130,7 +133,7 @@ class Router:
             return []
         ring = self.ring(name, frozenset(gossiped))
         forwarded = self.forwarded.get
-        loads = {n: max(load, forwarded(n, 0)) for n, load in gossiped.items()}
+        loads = {n: max(load, forwarded((name, n), 0)) for n, load in gossiped.items()}
         if ledgers is None:
             order = ring.order(key)
         else:
@@ -158,6 +161,21 @@ class Router:
         owner = self._assignment(name, ring, ledgers).owner.get(pid)
         return owner is None or owner == me
 
+    def ceded(self, name: str, me: str, ledgers: Mapping[str, bytes]) -> frozenset[int]:
+        """The prefix ids in replica `me`'s ledger (as gossiped, in `ledgers`) that the
+        assignment gives to another replica advertising them too: `me` drops them, so a prefix
+        that moved has one advertiser again. Kept in the old replica's ledger (for up to
+        PREFIX_TTL_S), it would make two advertisers, and the assignment, which keeps a prefix
+        on the first advertiser in ring order with room, could move it back, and another with
+        it (measured: 11 of 36 requests switched replica in bench/prefix_affinity). A prefix
+        whose new owner does not advertise it yet stays, or it would look new."""
+        if me not in ledgers:
+            return frozenset()
+        assignment = self._assignment(name, self.ring(name, frozenset(ledgers)), ledgers)
+        advertised, owner, empty = assignment.advertised, assignment.owner, frozenset[int]()
+        return frozenset(pid for pid in advertised.get(me, empty)
+                         if owner[pid] != me and pid in advertised.get(owner[pid], empty))
+
     def _pid(self, key: bytes) -> int:
         pid = self._pids.get(key)
         if pid is None:
@@ -180,12 +198,13 @@ class Router:
         return assignment
 
     @contextlib.contextmanager
-    def track(self, node_id: str) -> Iterator[None]:
-        """Count a request forwarded to `node_id` while it runs."""
-        self.forwarded[node_id] += 1
+    def track(self, name: str, node_id: str) -> Iterator[None]:
+        """Count a request for deployment `name` forwarded to `node_id` while it runs."""
+        key = (name, node_id)
+        self.forwarded[key] += 1
         try:
             yield
         finally:
-            self.forwarded[node_id] -= 1
-            if self.forwarded[node_id] <= 0:
-                del self.forwarded[node_id]
+            self.forwarded[key] -= 1
+            if self.forwarded[key] <= 0:
+                del self.forwarded[key]

@@ -185,3 +185,63 @@ def test_a_spill_claims_nothing_so_the_prefix_stays_where_it_is() -> None:
     assert router.claims("dep", b"hot", "a", ledgers)
     assert not router.claims("dep", b"hot", "b", ledgers)  # b served it because a was busy
     assert router.claims("dep", b"new", "c", ledgers)  # in no ledger: the first server claims
+
+
+def test_a_moved_prefix_is_ceded_once_its_new_owner_advertises_it() -> None:
+    router = Router()
+    # Two prefixes collided on "a" before gossip; the assignment moves one of them.
+    ledgers = {"a": packed(b"k1", b"k2"), "b": b"", "c": b""}
+    owners = {k: router.order("dep", k, dict.fromkeys(ledgers, 0), ledgers)[0]
+              for k in (b"k1", b"k2")}
+    moved = next(k for k, o in owners.items() if o != "a")
+    assert router.ceded("dep", "a", ledgers) == frozenset()  # the new owner has not claimed it
+    assert router.claims("dep", moved, owners[moved], ledgers)
+    ledgers[owners[moved]] = packed(moved)
+    assert router.ceded("dep", "a", ledgers) == {prefix_id(moved)}
+    assert router.ceded("dep", owners[moved], ledgers) == frozenset()
+    assert router.ceded("dep", "z", ledgers) == frozenset()  # not a holder
+
+
+def test_ledger_forget_drops_ids_and_changes_the_packed_bytes() -> None:
+    ledger = PrefixLedger()
+    for k in (b"a", b"b"):
+        ledger.record("dep", k)
+    ledger.forget("dep", {prefix_id(b"a"), 12345})
+    ledger.forget("other", {prefix_id(b"b")})
+    assert ledger.packed("dep") == packed(b"b")
+
+
+def test_prefixes_settle_on_one_replica_each_and_stay_put() -> None:
+    """Replicas that claim, cede and gossip in rounds, from bursts of new prefixes that enter
+    before any ledger is gossiped: every prefix ends with one advertiser, the owners stop
+    moving, and no replica owns more than its share."""
+    rng = random.Random(7)
+    print("seed 7")
+    total_moves = 0
+    for trial in range(200):
+        nodes = [f"r{trial}-{i}" for i in range(rng.choice((2, 3, 4)))]
+        keys = [b"trial %d prompt %d" % (trial, j) for j in range(rng.randint(1, 8))]
+        ledgers = {n: PrefixLedger() for n in nodes}
+        routers = {n: Router() for n in nodes}  # each node's own, as entry and as replica
+        gossiped = dict.fromkeys(nodes, b"")
+        last: dict[bytes, str] = {}
+        moves = []
+        for rnd in range(12):
+            for key in rng.sample(keys, len(keys)):  # each prefix served once a round
+                entry = routers[rng.choice(nodes)]
+                owner = entry.order("dep", key, dict.fromkeys(nodes, 0), gossiped)[0]
+                if routers[owner].claims("dep", key, owner, gossiped):
+                    ledgers[owner].record("dep", key)
+                if last.setdefault(key, owner) != owner:
+                    moves.append(rnd)
+                    last[key] = owner
+            for n in nodes:  # the meta check: cede, then gossip
+                ledgers[n].forget("dep", routers[n].ceded("dep", n, gossiped))
+            gossiped = {n: ledgers[n].packed("dep") for n in nodes}
+        assert all(r < 6 for r in moves), (trial, moves)  # settled within a few rounds
+        advertisers = Counter(p for n in nodes for p in unpack(gossiped[n]))
+        assert set(advertisers.values()) == {1}, trial  # one advertiser per prefix
+        owned = Counter(last.values())
+        assert max(owned.values()) <= math.ceil(len(keys) / len(nodes)), (trial, owned)
+        total_moves += len(moves)
+    assert total_moves < 200 * 2  # fewer than two moves a cluster on average

@@ -74,7 +74,7 @@ def test_bounded_load_spills_a_hot_key() -> None:
     for _ in range(16):  # 16 concurrent requests with one prefix, counted as forwarded
         node = router.order("dep", b"hot", nodes)[0]
         got[node] += 1
-        tracks.append(router.track(node))
+        tracks.append(router.track("dep", node))
         tracks[-1].__enter__()
     assert max(got.values()) <= math.ceil(1.25 * 16 / 2)
     for t in tracks:
@@ -84,7 +84,7 @@ def test_bounded_load_spills_a_hot_key() -> None:
 
 def test_gossiped_load_and_own_count_are_not_added() -> None:
     router = Router()
-    with router.track("n1"), router.track("n1"):
+    with router.track("dep", "n1"), router.track("dep", "n1"):
         # n1's gossip (2) already includes our two: the larger counts, not the sum.
         owner = router.order("dep", b"k", {"n1": 0, "n2": 0})[0]
         assert router.order("dep", b"k", {"n1": 2, "n2": 2})[0] == \
@@ -104,3 +104,32 @@ def test_one_request_in_flight_does_not_move_a_prefix() -> None:
     # Without the floor the bound, ceil(1.25 * 2 / 3) = 1, would send it to a cold replica.
     assert Router(min_capacity=1).order("dep", b"k", busy, {})[0] != owner
     assert Router().order("dep", b"k", {**nodes, owner: 2}, {})[0] != owner
+
+
+def test_loads_count_per_deployment_so_another_deployment_moves_nothing() -> None:
+    router = Router()
+    nodes = {"n1": 0, "n2": 0, "n3": 0}
+    owner = router.order("dep", b"k", nodes)[0]
+    with router.track("other", owner), router.track("other", owner), \
+            router.track("other", owner):  # busy with another deployment's requests
+        assert router.order("dep", b"k", nodes)[0] == owner
+    tracks = [router.track("dep", owner) for _ in range(3)]
+    for t in tracks:
+        t.__enter__()
+    assert router.order("dep", b"k", nodes)[0] != owner  # 3 > max(ceil(1.25 * 4 / 3), 2)
+    for t in tracks:
+        t.__exit__(None, None, None)
+    assert not router.forwarded
+
+
+def test_gossiped_load_is_read_per_replica_with_the_node_total_as_fallback() -> None:
+    from meshnode.node.cluster import NodeLoad
+    from meshnode.node.peers import replica_in_flight
+    enc = msgspec.msgpack.encode
+    new = enc(NodeLoad(in_flight=5, replicas=(("a", 4), ("b", 1))))
+    assert [replica_in_flight(new, n) for n in ("a", "b", "c")] == [4, 1, 0]
+    old = enc(NodeLoad(in_flight=5))  # a node that gossips no per-replica counts
+    assert replica_in_flight(old, "a") == replica_in_flight(old, "c") == 5
+    assert msgspec.msgpack.decode(old) == [5, None]
+    assert replica_in_flight(enc([7]), "a") == 7  # the load of a node before the field
+    assert replica_in_flight(b"\xc1junk", "a") == replica_in_flight(b"", "a") == 0
