@@ -31,6 +31,8 @@ saved state; each answer reports it as usage.prompt_tokens_details.cached_tokens
     hit rate   = sum(cached_tokens) / sum(prompt_tokens)
     ttft p50   = median time to the first streamed token
     max/mean   = the busiest replica's share of requests over the mean share
+    switches   = requests served by another replica than the last one that served their
+                 system prompt (a prefix that moved, or spilled under the load bound)
 
     python bench/prefix_affinity.py [--requests 60] [--prompts 3] [--concurrency 3]
     python bench/prefix_affinity.py --turns 4 [--conversations 9] [--answer-tokens 24]
@@ -146,12 +148,19 @@ class Tally:
         self.prompt = self.cached = 0
         self.served: Counter[str] = Counter()
         self.by_turn: dict[int, list[int]] = {}  # turn -> [cached, prompt] tokens
+        self.last_by: dict[str, str] = {}  # system prompt -> the replica that served it last
+        self.switches = 0  # requests served elsewhere than their system prompt's last one
+        self.by_prompt: dict[str, Counter[str]] = {}  # system prompt's title -> served by
 
     def entry(self) -> str:
         self.sent += 1
         return self.entries[(self.sent - 1) % len(self.entries)]
 
-    def add(self, ms: float, usage: dict, by: str, turn: int = 0) -> None:
+    def add(self, ms: float, usage: dict, by: str, system: str, turn: int = 0) -> None:
+        if self.last_by.setdefault(system, by) != by:
+            self.switches += 1
+            self.last_by[system] = by
+        self.by_prompt.setdefault(system.split(".")[0], Counter())[by] += 1
         prompt = usage.get("prompt_tokens", 0)
         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
         self.ttfts.append(ms)
@@ -167,7 +176,8 @@ class Tally:
         return {"hit_rate": round(self.cached / self.prompt, 3) if self.prompt else 0.0,
                 "ttft_p50_ms": round(statistics.median(self.ttfts), 1),
                 "max_over_mean": round(max(self.served.values()) / mean, 2),
-                "served": dict(self.served),
+                "served": dict(self.served), "switches": self.switches,
+                "served_by_prompt": {k: dict(v) for k, v in sorted(self.by_prompt.items())},
                 "hit_rate_by_turn": [round(c / p, 3) if p else 0.0
                                      for _, (c, p) in sorted(self.by_turn.items())]}
 
@@ -183,7 +193,7 @@ async def run(name: str, entries: list[str], hop: bool, reqs: list[dict],
         while not queue.empty():
             body = queue.get_nowait()
             ms, usage, by, _ = await one(session, tally.entry(), body, hop)
-            tally.add(ms, usage, by)
+            tally.add(ms, usage, by, body["messages"][0]["content"])
 
     async with aiohttp.ClientSession() as session:
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
@@ -210,7 +220,7 @@ async def run_chats(name: str, entries: list[str], hop: bool,
                         "temperature": 0.0, "stream": True,
                         "stream_options": {"include_usage": True}}
                 ms, usage, by, answer = await one(session, tally.entry(), body, hop)
-                tally.add(ms, usage, by, turn)
+                tally.add(ms, usage, by, system, turn)
                 messages.append({"role": "assistant", "content": answer})
 
     async with aiohttp.ClientSession() as session:
@@ -311,10 +321,11 @@ def main() -> None:
               "ttft_p50_ratio": round(aff["ttft_p50_ms"] / rr["ttft_p50_ms"], 2),
               "ratio_bound": min(args.replicas, args.prompts)}
     print(json.dumps(result))
-    print(f"\n{'router':12} {'hit rate':>9} {'ttft p50 ms':>12} {'max/mean':>9}  served")
+    print(f"\n{'router':12} {'hit rate':>9} {'ttft p50 ms':>12} {'max/mean':>9} "
+          f"{'switches':>9}  served")
     for label, r in (("affinity", aff), ("round-robin", rr)):
         print(f"{label:12} {r['hit_rate']:>9} {r['ttft_p50_ms']:>12} {r['max_over_mean']:>9}"
-              f"  {r['served']}")
+              f" {r['switches']:>9}  {r['served']}")
     if args.turns > 1:
         print(f"hit rate by turn: affinity {aff['hit_rate_by_turn']}, "
               f"round-robin {rr['hit_rate_by_turn']}")
