@@ -68,6 +68,7 @@ PREFIX_TTL_S = 600.0
 
 
 _META_BYTES = MeshConfig().meta_max_bytes
+_ORDERS_MAX = 4096  # prefix orders an Assignment remembers (cleared when full)
 _encode = msgspec.msgpack.encode
 
 
@@ -158,11 +159,27 @@ class PrefixLedger:
 class Assignment:
     """Prefix id -> owning replica, and how many prefixes each replica owns."""
 
-    __slots__ = ("advertised", "counts", "owner")
+    __slots__ = ("advertised", "counts", "orders", "owner")
 
     def __init__(self, owner: dict[int, str], counts: dict[str, int],
                  advertised: Mapping[str, frozenset[int]]) -> None:
         self.owner, self.counts, self.advertised = owner, counts, advertised
+        self.orders: dict[int, tuple[str, ...]] = {}
+        """Prefix id -> the replicas to try for it (order()), as computed so far."""
+
+    def order(self, pid: int, walk: tuple[str, ...]) -> tuple[str, ...]:
+        """The replicas to try for prefix `pid`, whose ring walk is `walk`: its owner (or the
+        new owner), the others advertising it, then the rest of the walk."""
+        owner = self.owner.get(pid)
+        if owner is None:
+            owner = self.new_owner(walk)
+        advertised, empty = self.advertised, frozenset[int]()
+        order = (owner, *(n for n in walk if n != owner and pid in advertised.get(n, empty)))
+        order += tuple(n for n in walk if n not in order)
+        if len(self.orders) >= _ORDERS_MAX:
+            self.orders.clear()
+        self.orders[pid] = order
+        return order
 
     def new_owner(self, order: tuple[str, ...]) -> str:
         """For a prefix in no ledger: the replica owning the fewest, ties in ring `order`."""

@@ -69,6 +69,7 @@ and such a stale 1 sent a prefix to a cold replica, whose evaluation of a long p
 more than waiting behind one request. Above n * 2 / 1.25 requests in flight the floor no
 longer matters: the bound is the 1.25 x mean rule."""
 _json = msgspec.json.Encoder().encode
+_EMPTY: frozenset[int] = frozenset()
 
 
 def _text(content: object) -> bytes:
@@ -138,14 +139,10 @@ class Router:
             order = ring.order(key)
         else:
             pid = self._pid(key)
-            walk = ring.order(pid_bytes(pid))
             assignment = self._assignment(name, ring, ledgers)
-            owner = assignment.owner.get(pid)
-            if owner is None:
-                owner = assignment.new_owner(walk)
-            advertised, empty = assignment.advertised, frozenset[int]()
-            order = (owner, *(n for n in walk if n != owner and pid in advertised.get(n, empty)))
-            order += tuple(n for n in walk if n not in order)
+            order = assignment.orders.get(pid)  # fixed while the assignment is
+            if order is None:
+                order = assignment.order(pid, ring.order(pid_bytes(pid)))
         first = ring.choose_in(order, loads, self.load_factor, self.min_capacity)
         return [first, *(n for n in order if n != first)]
 
@@ -172,9 +169,9 @@ class Router:
         if me not in ledgers:
             return frozenset()
         assignment = self._assignment(name, self.ring(name, frozenset(ledgers)), ledgers)
-        advertised, owner, empty = assignment.advertised, assignment.owner, frozenset[int]()
-        return frozenset(pid for pid in advertised.get(me, empty)
-                         if owner[pid] != me and pid in advertised.get(owner[pid], empty))
+        advertised, owner = assignment.advertised, assignment.owner
+        return frozenset(pid for pid in advertised.get(me, _EMPTY)
+                         if owner[pid] != me and pid in advertised.get(owner[pid], _EMPTY))
 
     def _pid(self, key: bytes) -> int:
         pid = self._pids.get(key)
