@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Self
 
 import msgspec
@@ -24,7 +24,7 @@ from meshnode.mesh.gossip_keys import GossipKeys
 from .config import NodeConfig
 from .security import ClusterSecurity
 
-__all__ = ["Cluster", "MemberView", "NodeLoad", "NodeMeta"]
+__all__ = ["Cluster", "MemberView", "NodeLoad", "NodeMeta", "node_load"]
 
 log = structlog.get_logger("meshnode.node")
 
@@ -63,6 +63,17 @@ class NodeLoad(msgspec.Struct, frozen=True, array_like=True):
     """(deployment name, requests in flight) for each local replica serving any: what
     routing's load bound compares. None from a node that predates it, or whose list did not
     fit the load's bytes: routing then counts `in_flight` for each of its replicas."""
+
+
+_LOAD_BYTES = MeshConfig().load_max_bytes  # the mesh refuses a larger load
+
+
+def node_load(counts: Iterable[tuple[str, int]]) -> NodeLoad:
+    """The load of a node whose replicas serve `counts` = (deployment, in flight): per replica
+    (those serving any) while that fits the mesh's load bytes, else the node's total alone."""
+    busy = tuple((name, n) for name, n in counts if n)
+    load = NodeLoad(in_flight=sum(n for _, n in busy), replicas=busy)
+    return load if len(msgspec.msgpack.encode(load)) <= _LOAD_BYTES else NodeLoad(load.in_flight)
 
 
 class MemberView(msgspec.Struct, frozen=True, kw_only=True):

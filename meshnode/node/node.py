@@ -33,13 +33,13 @@ from meshnode.engines import (
     detect_hardware,
     probe_engines,
 )
-from meshnode.mesh import MemberState, MeshConfig
+from meshnode.mesh import MemberState
 from meshnode.mesh.crypto_errors import RevocationError, SecurityError
 from meshnode.mesh.identity import NodeIdentity
 
 from . import engine_choice, placement
 from .catalogue import CATALOGUE, ModelSpec, deployment_spec, find_spec, size_mb, valid_name
-from .cluster import Cluster, MemberView, NodeLoad, NodeMeta
+from .cluster import Cluster, MemberView, NodeLoad, NodeMeta, node_load
 from .config import NodeConfig
 from .deployments import Deployment, DeploymentTable, LaunchRequest
 from .errors import (
@@ -59,9 +59,6 @@ from .sync import DeploymentSync, Peer, TableSync, encode_entries
 from .views import DeploymentView, deployment_status, placed_replicas
 
 __all__ = ["DeploymentView", "Node", "NodeState"]
-
-_LOAD_BYTES = MeshConfig().load_max_bytes  # the mesh refuses a larger NodeLoad
-_encode = msgspec.msgpack.encode
 
 log = structlog.get_logger("meshnode.node")
 
@@ -211,9 +208,7 @@ class Node:
             keys_digest=self.api_keys.digest()), ready)
 
     def _load(self) -> NodeLoad:
-        busy = tuple((n, r.in_flight) for n, r in sorted(self.replicas.items()) if r.in_flight)
-        load = NodeLoad(in_flight=sum(c for _, c in busy), replicas=busy)
-        return load if len(_encode(load)) <= _LOAD_BYTES else NodeLoad(load.in_flight)
+        return node_load((n, r.in_flight) for n, r in sorted(self.replicas.items()))
 
     def members(self) -> list[MemberView]:
         return self.cluster.members() if self.cluster is not None else []

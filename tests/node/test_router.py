@@ -133,3 +133,13 @@ def test_gossiped_load_is_read_per_replica_with_the_node_total_as_fallback() -> 
     assert msgspec.msgpack.decode(old) == [5, None]
     assert replica_in_flight(enc([7]), "a") == 7  # the load of a node before the field
     assert replica_in_flight(b"\xc1junk", "a") == replica_in_flight(b"", "a") == 0
+
+
+def test_a_node_gossips_per_replica_loads_while_they_fit_and_else_its_total() -> None:
+    from meshnode.mesh import MeshConfig
+    from meshnode.node.cluster import NodeLoad, node_load
+    assert node_load([("a", 2), ("idle", 0), ("b", 1)]) == NodeLoad(3, (("a", 2), ("b", 1)))
+    many = [(f"deployment-with-a-long-name-{i}", 1) for i in range(20)]
+    load = node_load(many)  # 20 names do not fit the load's bytes: the total alone
+    assert load == NodeLoad(20) and load.replicas is None
+    assert len(msgspec.msgpack.encode(node_load(many[:3]))) <= MeshConfig().load_max_bytes
