@@ -255,15 +255,13 @@ class _Conn(asyncio.Protocol):
             sink.extra_head, len(targets) > 1, tls_check(call.node, first), self.set_source)
         if handle is None:
             return False
-        forwarded, tracked = call.node.router.forwarded, (name, first.node_id)
-        forwarded[tracked] += 1
+        router = call.node.router
+        router.sent(name, first.node_id)
         self.active = handle
 
         def spliced(_: object) -> None:
             self.active = None
-            forwarded[tracked] -= 1
-            if forwarded[tracked] <= 0:
-                del forwarded[tracked]
+            router.answered(name, first.node_id)
             done = handle.finish()
             if self.gone:
                 return

@@ -211,9 +211,8 @@ async def _forward(call: Call, name: str, target: Target, path: str, body: bytes
     its first byte (unreachable, or 503 when others remain)."""
     headers = forward_headers(call)
     assert call.peers is not None, "a Call that may forward needs the peers' pool"
-    forwarded = call.node.router.forwarded  # in flight per target (Router.track, inlined)
-    tracked = (name, target.node_id)
-    forwarded[tracked] += 1
+    router = call.node.router
+    router.sent(name, target.node_id)
     try:
         if sink.transport is not None:
             return await _splice(call, target, path, body, headers, final, sink)
@@ -255,9 +254,7 @@ async def _forward(call: Call, name: str, target: Target, path: str, body: bytes
         finally:
             upstream.close()  # unless released above: the peer must see us go away
     finally:
-        forwarded[tracked] -= 1
-        if forwarded[tracked] <= 0:
-            del forwarded[tracked]
+        router.answered(name, target.node_id)
 
 
 async def _splice(call: Call, target: Target, path: str, body: bytes, headers: dict[str, str],

@@ -55,7 +55,7 @@ from meshnode.mesh.hashing import Ring
 
 from .cluster import NodeMeta
 
-__all__ = ["PREFIXES_PER_REPLICA", "PREFIX_TTL_S", "PrefixLedger", "Assignment", "assign",
+__all__ = ["EMPTY", "PREFIXES_PER_REPLICA", "PREFIX_TTL_S", "PrefixLedger", "Assignment", "assign",
            "pid_bytes", "prefix_id", "unpack"]
 
 PREFIXES_PER_REPLICA = 16
@@ -68,6 +68,8 @@ PREFIX_TTL_S = 600.0
 
 
 _META_BYTES = MeshConfig().meta_max_bytes
+EMPTY: frozenset[int] = frozenset()
+"""The prefix ids of a replica with no ledger."""
 _ORDERS_MAX = 4096  # prefix orders an Assignment remembers (cleared when full)
 _encode = msgspec.msgpack.encode
 
@@ -173,8 +175,8 @@ class Assignment:
         owner = self.owner.get(pid)
         if owner is None:
             owner = self.new_owner(walk)
-        advertised, empty = self.advertised, frozenset[int]()
-        order = (owner, *(n for n in walk if n != owner and pid in advertised.get(n, empty)))
+        advertised = self.advertised
+        order = (owner, *(n for n in walk if n != owner and pid in advertised.get(n, EMPTY)))
         order += tuple(n for n in walk if n not in order)
         if len(self.orders) >= _ORDERS_MAX:
             self.orders.clear()

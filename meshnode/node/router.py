@@ -48,6 +48,7 @@ from meshnode.engines import (
 )
 from meshnode.mesh.hashing import DEFAULT_LOAD_FACTOR, Ring
 
+from .prefixes import EMPTY as _EMPTY
 from .prefixes import Assignment, assign, pid_bytes, prefix_id, unpack
 
 __all__ = ["PREFIX_BYTES", "Router", "request_key"]
@@ -69,7 +70,6 @@ and such a stale 1 sent a prefix to a cold replica, whose evaluation of a long p
 more than waiting behind one request. Above n * 2 / 1.25 requests in flight the floor no
 longer matters: the bound is the 1.25 x mean rule."""
 _json = msgspec.json.Encoder().encode
-_EMPTY: frozenset[int] = frozenset()
 
 
 def _text(content: object) -> bytes:
@@ -197,11 +197,20 @@ class Router:
     @contextlib.contextmanager
     def track(self, name: str, node_id: str) -> Iterator[None]:
         """Count a request for deployment `name` forwarded to `node_id` while it runs."""
-        key = (name, node_id)
-        self.forwarded[key] += 1
+        self.sent(name, node_id)
         try:
             yield
         finally:
-            self.forwarded[key] -= 1
-            if self.forwarded[key] <= 0:
-                del self.forwarded[key]
+            self.answered(name, node_id)
+
+    def sent(self, name: str, node_id: str) -> None:
+        """A request for `name` was forwarded to `node_id` (for callers that cannot use
+        track(): a callback ends it with answered())."""
+        self.forwarded[(name, node_id)] += 1
+
+    def answered(self, name: str, node_id: str) -> None:
+        """The request sent() to `node_id` is over."""
+        key = (name, node_id)
+        self.forwarded[key] -= 1
+        if self.forwarded[key] <= 0:
+            del self.forwarded[key]
