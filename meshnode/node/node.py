@@ -272,6 +272,7 @@ class Node:
     async def _events_loop(self) -> None:
         assert self.cluster is not None
         async for _ in self.cluster.mesh.events():
+            self.peers.changed()  # before the reconciler acts on it (it may unload ours)
             self._wake.set()
 
     async def _reconcile_loop(self) -> None:

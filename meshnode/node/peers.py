@@ -99,6 +99,13 @@ class PeerView:
             return f"https://{meta.http_host}:{meta.internal_port}"
         return f"http://{meta.http_host}:{meta.http_port}"
 
+    def changed(self) -> None:
+        """A member joined, left or changed its meta: holders() reads the view afresh. (A
+        holder that became ready is seen at once: otherwise a node that unloaded its own
+        replica, having seen the new holder ready, could still route from a list without it
+        for up to HOLDERS_TTL_S and answer 503.)"""
+        self._holders.clear()
+
     def holders(self, name: str) -> dict[str, tuple[Target, int, bytes]]:
         """Peers with a ready replica of `name`, their gossiped in-flight counts and the
         prefix ids their replica of `name` served (packed, prefixes.py), reused for
