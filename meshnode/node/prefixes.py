@@ -28,8 +28,10 @@ three replicas each gets one, where a plain consistent-hash ring puts two on one
 times in 9. Two nodes that saw two new prefixes at the same moment may send both to one
 replica; once the ledgers are gossiped (about a second) the assignment moves one of them,
 which costs that prefix one cold evaluation on its new replica. A prefix in no ledger yet goes
-to the replica that owns the fewest, ties broken in its own ring order, so a burst of new
-prefixes spreads like a ring before the ledgers catch up.
+to the first replica of its own ring walk: every node picks the same one, and a burst of new
+prefixes spreads like a ring before the ledgers catch up. (Sending it to the replica owning
+the fewest sent a whole burst to one replica, since no count moves until the ledgers are
+gossiped.) Once they are, the assignment evens out anything over ceil(K / R).
 
 Every input is gossiped state (a node counts its own ledger as it last gossiped it, not as it
 is now), so nodes with the same view make the same choice, new prefixes included. A replica
@@ -170,11 +172,9 @@ class Assignment:
         """Prefix id -> the replicas to try for it (order()), as computed so far."""
 
     def order(self, pid: int, walk: tuple[str, ...]) -> tuple[str, ...]:
-        """The replicas to try for prefix `pid`, whose ring walk is `walk`: its owner (or the
-        new owner), the others advertising it, then the rest of the walk."""
-        owner = self.owner.get(pid)
-        if owner is None:
-            owner = self.new_owner(walk)
+        """The replicas to try for prefix `pid`, whose ring walk is `walk`: its owner (for a
+        prefix in no ledger, the walk's first), the others advertising it, then the rest."""
+        owner = self.owner.get(pid, walk[0])
         advertised = self.advertised
         order = (owner, *(n for n in walk if n != owner and pid in advertised.get(n, EMPTY)))
         order += tuple(n for n in walk if n not in order)
@@ -183,10 +183,7 @@ class Assignment:
         self.orders[pid] = order
         return order
 
-    def new_owner(self, order: tuple[str, ...]) -> str:
-        """For a prefix in no ledger: the replica owning the fewest, ties in ring `order`."""
-        counts = self.counts
-        return min(order, key=lambda n: counts.get(n, 0))
+
 
 
 def assign(ring: Ring, advertised: Mapping[str, frozenset[int]]) -> Assignment:

@@ -6,11 +6,11 @@
 
 Generative requests (chat, completions) go where their prefix is assigned (prefixes.py): the
 ready replicas gossip which prefixes they served, every node computes the same balanced,
-sticky assignment of prefixes to replicas from that, and a new prefix goes to the replica
-owning the fewest::
+sticky assignment of prefixes to replicas from that, and a new prefix goes where the ring
+puts it::
 
     pid    = prefix_id(key)
-    owner  = assignment.owner[pid], or the new owner (fewest prefixes, ties in ring order)
+    owner  = assignment.owner[pid], or for a new prefix the first of ring.order(pid)
     order  = [owner] + the other replicas advertising pid + the rest, each in ring.order(pid)
     first  = the first of `order` under the bounded-load capacity,
              max(ceil(1.25 * (total in flight + 1) / R), MIN_CAPACITY)
