@@ -231,6 +231,7 @@ def test_prefixes_settle_on_one_replica_each_and_stay_put() -> None:
         gossiped = dict.fromkeys(nodes, b"")
         last: dict[bytes, str] = {}
         moves = []
+        moved: Counter[bytes] = Counter()
         for rnd in range(12):
             for key in rng.sample(keys, len(keys)):  # each prefix served once a round
                 entry = routers[rng.choice(nodes)]
@@ -239,14 +240,33 @@ def test_prefixes_settle_on_one_replica_each_and_stay_put() -> None:
                     ledgers[owner].record("dep", key)
                 if last.setdefault(key, owner) != owner:
                     moves.append(rnd)
+                    moved[key] += 1
                     last[key] = owner
             for n in nodes:  # the meta check: cede, then gossip
                 ledgers[n].forget("dep", routers[n].ceded("dep", n, gossiped))
             gossiped = {n: ledgers[n].packed("dep") for n in nodes}
         assert all(r < 6 for r in moves), (trial, moves)  # settled within a few rounds
+        assert max(moved.values(), default=0) <= 1, (trial, moved)  # no prefix moves back
         advertisers = Counter(p for n in nodes for p in unpack(gossiped[n]))
         assert set(advertisers.values()) == {1}, trial  # one advertiser per prefix
         owned = Counter(last.values())
         assert max(owned.values()) <= math.ceil(len(keys) / len(nodes)), (trial, owned)
         total_moves += len(moves)
     assert total_moves < 200 * 2  # fewer than two moves a cluster on average
+
+
+def test_a_moved_prefix_keeps_its_new_replica_while_the_old_one_still_lists_it() -> None:
+    """Two prefixes collided on one replica and one was moved; its new replica claims it
+    before the old one cedes it. The assignment must keep the move, not hand the old replica
+    the moved prefix and push its other one away (which moves both, then both back)."""
+    for trial in range(300):
+        nodes = [f"n{trial}-{i}" for i in range(3)]
+        ring = Ring(nodes)
+        k1, k2, k3 = (prefix_id(b"%d/%d" % (trial, j)) for j in range(3))
+        crowded, other = nodes[0], nodes[1]
+        before = assign(ring, {crowded: frozenset({k1, k2}), other: frozenset({k3})})
+        moved = next(k for k in (k1, k2) if before.owner[k] != crowded)
+        new = before.owner[moved]
+        during = assign(ring, {crowded: frozenset({k1, k2}), other: frozenset({k3}),
+                               new: frozenset({moved})})
+        assert during.owner == before.owner, trial
