@@ -110,7 +110,7 @@ def load_certificate(data: bytes) -> x509.Certificate:
             if data.lstrip().startswith(b"-----BEGIN"):
                 return x509.load_pem_x509_certificate(data)
             return x509.load_der_x509_certificate(data)
-    except (ValueError, UnsupportedAlgorithm, Warning) as e:
+    except (ValueError, UnsupportedAlgorithm, x509.InvalidVersion, Warning) as e:
         raise CertificateParseError(f"not a certificate: {e}") from None
 
 
