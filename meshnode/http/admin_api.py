@@ -10,7 +10,7 @@ from aiohttp import web
 
 from meshnode import __version__
 from meshnode.engines import InvalidRequest, decode_request
-from meshnode.node import INTERNAL_DEPLOYMENTS_PATH, LaunchRequest, ScaleRequest
+from meshnode.node import CATALOGUE, INTERNAL_DEPLOYMENTS_PATH, LaunchRequest, ScaleRequest
 
 from .keys import NODE
 
@@ -54,7 +54,7 @@ async def stop(request: web.Request) -> web.Response:
 
 @routes.get("/v1/catalogue")
 async def catalogue(request: web.Request) -> web.Response:
-    return _json({"object": "list", "data": request.app[NODE].catalogue()})
+    return _json({"object": "list", "data": list(CATALOGUE.values())})
 
 
 @routes.get("/v1/engines")

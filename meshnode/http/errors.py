@@ -32,6 +32,7 @@ from meshnode.node import (
     ModelNotFound,
     ModelUnavailable,
     NodeError,
+    ReplicaBusy,
 )
 
 __all__ = ["error_middleware", "error_parts", "error_response", "exception_parts"]
@@ -76,6 +77,9 @@ def exception_parts(exc: Exception) -> tuple[int, dict[str, str], bytes]:
             return error_parts(400, str(exc), param=exc.param)
         case DeploymentExists():
             return error_parts(409, str(exc), param="name", code="deployment_exists")
+        case ReplicaBusy():
+            return error_parts(503, str(exc), code="replica_busy",
+                               retry_after_s=exc.retry_after_s)
         case ModelFailed():
             return error_parts(503, str(exc), code="model_failed",
                                retry_after_s=exc.retry_after_s)

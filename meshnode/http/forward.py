@@ -24,7 +24,7 @@ from aiohttp import web
 
 from .keys import NODE
 from .middleware import REQUEST_ID
-from .passthrough import HOP_HEADER, Call, dispatch
+from .passthrough import HOP_HEADER, Call, dispatch, effective_hop
 from .upstream import Upstream
 
 __all__ = ["ENGINE_UPSTREAM", "FORWARD_UPSTREAM", "HOP_HEADER", "HOP_MODE", "answer", "call_for",
@@ -61,7 +61,7 @@ def call_for(app: web.Application, rid: str, hop: str | None,
     """The Call of a request that came in on `app` with these header values."""
     mode = app.get(HOP_MODE, "open")
     return Call(app[NODE], rid, app.get(FORWARD_UPSTREAM), app[ENGINE_UPSTREAM],
-                served_here=mode == "internal" or (mode == "open" and bool(hop)),
+                hop=effective_hop(mode, hop),
                 authorization=authorization if mode == "open" else None)
 
 

@@ -50,6 +50,7 @@ from .passthrough import (
     PREFIX_PATHS,
     Call,
     dispatch,
+    effective_hop,
     forward_headers,
     tls_check,
     upstream_lost_event,
@@ -94,8 +95,7 @@ class _Front:
 
     def call(self, req: Request) -> Call:
         return Call(self.node, request_id(req.request_id), self.peers, self.engines,
-                    served_here=self.mode == "internal" or (self.mode == "open"
-                                                            and req.hop is not None),
+                    hop=effective_hop(self.mode, req.hop),
                     authorization=req.authorization if self.mode == "open" else None)
 
     async def close(self, timeout_s: float) -> None:
@@ -243,7 +243,7 @@ class _Conn(asyncio.Protocol):
         connection, so the request leaves before this returns and the answer is spliced in
         by that connection's callbacks. False (nothing done) for every other case."""
         try:
-            targets = self.front.node.route(name, key, path in PREFIX_PATHS)
+            targets, cap = self.front.node.route(name, key, path in PREFIX_PATHS)
         except (EngineError, NodeError):
             return False  # the task path answers the error
         first, peers = targets[0], self.front.peers
@@ -251,7 +251,8 @@ class _Conn(asyncio.Protocol):
             return False
         sink = _Sink(self, close or self.front.closing)
         handle = splice_now(
-            peers, "POST", first.url, path, body, forward_headers(call), self.transport,
+            peers, "POST", first.url, path, body,
+            forward_headers(call, cap if len(targets) > 1 else None), self.transport,
             sink.extra_head, len(targets) > 1, tls_check(call.node, first), self.set_source)
         if handle is None:
             return False

@@ -5,10 +5,13 @@ and the aiohttp apps (connections the front handed over, the signed cluster's in
 listener). Each gives a `Call` (what is known of the request) and a `Sink` (how to answer).
 
 A request is tried on the router's targets in order (generative ones by their prompt
-prefix's assignment; the replica that serves one records its prefix for gossip). A peer is sent the raw body on the same
-path with `X-Meshnode-Hop: 1`; a request that carries the hop header (or came in on the
-internal listener) is served here or refused, never forwarded again, so a stale view cannot
-bounce a request around the mesh. Before the first byte of an answer, a connection failure
+prefix's assignment; the replica that serves one records its prefix for gossip). A peer is
+sent the raw body on the same path with `X-Meshnode-Hop: 1; cap=N` (the router's load cap:
+the peer refuses with 503 `replica_busy` when its replica already holds N requests, since
+only it knows its count exactly), or `X-Meshnode-Hop: 1` on the last try, which the peer
+must serve. A request that carries the hop header (or came in on the internal listener) is
+served here or refused, never forwarded again, so a stale view cannot bounce a request
+around the mesh. Before the first byte of an answer, a connection failure
 or a 503 from a peer moves on to the next target (at most one try per ready replica); after
 it, bytes pass through as they come (streams chunk by chunk, no re-encoding). A client that
 goes away cancels the task running `dispatch`, which closes the upstream connection, which
@@ -27,12 +30,14 @@ from typing import Protocol
 import msgspec
 import structlog
 
+from meshnode.engines import InvalidRequest
 from meshnode.node import ModelUnavailable, Node, Replica, Target
 
 from .splice import Spliced, splice
 from .upstream import Upstream, UpstreamError, UpstreamResponse
 
-__all__ = ["HOP_HEADER", "PREFIX_PATHS", "Call", "Sink", "dispatch", "forward_headers",
+__all__ = ["HOP_HEADER", "PREFIX_PATHS", "Call", "Sink", "dispatch", "effective_hop",
+           "forward_headers", "hop_cap",
            "tls_check", "upstream_lost_event"]
 
 log = structlog.get_logger("meshnode.http")
@@ -80,10 +85,10 @@ class Sink(Protocol):
 class Call:
     """One inference request as the dispatcher needs it."""
 
-    __slots__ = ("authorization", "engines", "node", "peers", "rid", "served_here")
+    __slots__ = ("authorization", "engines", "hop", "node", "peers", "rid")
 
     def __init__(self, node: Node, rid: str, peers: Upstream | None, engines: Upstream, *,
-                 served_here: bool, authorization: str | None) -> None:
+                 hop: str | None, authorization: str | None) -> None:
         self.node = node
         self.rid = rid
         self.peers = peers
@@ -91,10 +96,37 @@ class Call:
         where nothing is forwarded (the internal listener)."""
         self.engines = engines
         """The pool of connections to this node's engine processes."""
-        self.served_here = served_here
-        """Forwarded to us (hop header in an open cluster, or the internal listener)."""
+        self.hop = hop
+        """Forwarded to us (the hop header's value, in an open cluster or on the internal
+        listener, where it may be "" for a peer that sent none): served here, never
+        forwarded again. None: routed from here."""
         self.authorization = authorization
         """Passed on to peers: set only in an open cluster that requires API keys."""
+
+    @property
+    def served_here(self) -> bool:
+        return self.hop is not None
+
+
+def effective_hop(mode: str, hop: str | None) -> str | None:
+    """Call.hop for a request that came with hop header value `hop` to a server in `mode`
+    (forward.HOP_MODE): honoured in an open cluster, ignored on a signed cluster's public
+    port (a client could skip routing), implied on its internal listener."""
+    if mode == "internal":
+        return hop or ""
+    return (hop or None) if mode == "open" else None
+
+
+def hop_cap(hop: str) -> int | None:
+    """The load cap a hop header value carries: "1; cap=N" (N >= 1) -> N; "1" or "" (the
+    last try: serve whatever the load) -> None. InvalidRequest for anything else."""
+    if hop in ("1", ""):
+        return None
+    head, sep, n = hop.partition("; cap=")
+    if head == "1" and sep and n.isascii() and n.isdigit() and len(n) <= 9 and int(n) > 0:
+        return int(n)
+    raise InvalidRequest(f"header {HOP_HEADER}: {hop[:40]!r} is neither '1' nor "
+                         "'1; cap=N' with N >= 1 (it is sent by meshnode nodes to each other)")
 
 
 async def dispatch(call: Call, name: str, path: str, body: bytes, key: bytes,
@@ -104,24 +136,21 @@ async def dispatch(call: Call, name: str, path: str, body: bytes, key: bytes,
     errors when nothing was sent yet (no replica, engine crashed)."""
     node = call.node
     prefix = path in PREFIX_PATHS
-    if call.served_here:
-        replica = node.replica(name)
-        if prefix:
-            node.serving_prefix(name, key)
+    if call.hop is not None:
+        replica = node.serve(name, key, prefix, hop_cap(call.hop))
         return await relay(call, replica, path, body, sink)
-    targets = [t for t in node.route(name, key, prefix) if t.node_id != exclude]
+    targets, cap = node.route(name, key, prefix)
+    targets = [t for t in targets if t.node_id != exclude]
     last: ModelUnavailable | None = None
     for i, target in enumerate(targets):
         final = i == len(targets) - 1
         if target.local:
             replica = node.replicas.get(name)
-            if (replica is None or replica.state != "ready") and not final:
-                continue  # it went away since the route was computed: try the next one
-            replica = node.replica(name)
-            if prefix:
-                node.serving_prefix(name, key)
-            return await relay(call, replica, path, body, sink)
-        if await _forward(call, name, target, path, body, final, sink):
+            if not final and (replica is None or replica.state != "ready"
+                              or replica.in_flight >= cap):
+                continue  # gone since the route was computed, or full: try the next one
+            return await relay(call, node.serve(name, key, prefix), path, body, sink)
+        if await _forward(call, name, target, path, body, None if final else cap, sink):
             return None
         last = ModelUnavailable(f"model {name!r}: no replica answered; retry shortly")
     raise last or ModelUnavailable(f"model {name!r} has no ready replica; retry shortly")
@@ -183,9 +212,11 @@ def _peer_tls_ok(node: Node, ssl_object: object, target: Target) -> bool:
     return True
 
 
-def forward_headers(call: Call) -> dict[str, str]:
-    """The headers a request is forwarded to a peer with."""
-    headers = {HOP_HEADER: "1", "X-Request-Id": call.rid, "Content-Type": "application/json"}
+def forward_headers(call: Call, cap: int | None) -> dict[str, str]:
+    """The headers a request is forwarded to a peer with; `cap`: the load cap the peer
+    refuses at (None on the last try, which the peer serves whatever its load)."""
+    hop = "1" if cap is None else f"1; cap={cap}"
+    headers = {HOP_HEADER: hop, "X-Request-Id": call.rid, "Content-Type": "application/json"}
     if call.authorization is not None:
         headers["Authorization"] = call.authorization
     return headers
@@ -206,10 +237,11 @@ def upstream_lost_event(target: Target) -> bytes:
 
 
 async def _forward(call: Call, name: str, target: Target, path: str, body: bytes,
-                   final: bool, sink: Sink) -> bool:
+                   cap: int | None, sink: Sink) -> bool:
     """Pass the peer's answer on (True), or False to try the next target: it failed before
-    its first byte (unreachable, or 503 when others remain)."""
-    headers = forward_headers(call)
+    its first byte (unreachable, or 503 when others remain, i.e. `cap` is set)."""
+    final = cap is None
+    headers = forward_headers(call, cap)
     assert call.peers is not None, "a Call that may forward needs the peers' pool"
     router = call.node.router
     router.sent(name, target.node_id)

@@ -251,6 +251,14 @@ class Ring:
             self._keys[key] = order
         return order
 
+    def capacity(self, total: int, c: float = DEFAULT_LOAD_FACTOR, floor: int = 1) -> int:
+        """The bounded-load capacity, max(ceil(c * (total + 1) / n), floor): the most
+        in-flight requests a node may hold, counting the one being placed, when `total` are
+        in flight over the ring's n nodes. ValueError when c < 1 or is not finite."""
+        if not 1.0 <= c < math.inf:
+            raise ValueError(f"c must be finite and >= 1, got {c!r}")
+        return max(math.ceil(c * (total + 1) / len(self._nodes)), floor)
+
     def choose(
         self, key: str | bytes, loads: Mapping[str, int], c: float = DEFAULT_LOAD_FACTOR
     ) -> str:
@@ -268,20 +276,25 @@ class Ring:
         return self.choose_in(self.order(key), loads, c)
 
     def choose_in(self, order: tuple[str, ...], loads: Mapping[str, int],
-                  c: float = DEFAULT_LOAD_FACTOR, floor: int = 1) -> str:
+                  c: float = DEFAULT_LOAD_FACTOR, floor: int = 1,
+                  total: int | None = None) -> str:
         """:meth:`choose` given the key's walk `order` (from :meth:`order`), with capacity
-        max(ceil(c * (total_load + 1) / n), floor): below `floor` in-flight requests no node
-        counts as full (a larger capacity keeps the existence proof)."""
-        if not 1.0 <= c < math.inf:
-            raise ValueError(f"c must be finite and >= 1, got {c!r}")
+        :meth:`capacity` (`total`: the in-flight total to size it from, when the caller
+        knows a total of which `loads` is a lower bound per node; default their sum). Below
+        `floor` in-flight requests no node counts as full (a larger capacity keeps the
+        existence proof, as does a `total` >= the sum of `loads`)."""
         get = loads.get
-        total = 0
+        known = 0
         for node in self._nodes:
             load = get(node, 0)
             if load < 0:
                 raise ValueError("loads must be >= 0")
-            total += load
-        capacity = max(math.ceil(c * (total + 1) / len(self._nodes)), floor)
+            known += load
+        if total is None:
+            total = known
+        elif total < known:
+            raise ValueError(f"total {total} is below the sum of the loads, {known}")
+        capacity = self.capacity(total, c, floor)
         for node in order:
             if get(node, 0) + 1 <= capacity:
                 return node

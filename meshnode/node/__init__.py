@@ -14,6 +14,7 @@ from .errors import (
     ModelNotFound,
     ModelUnavailable,
     NodeError,
+    ReplicaBusy,
 )
 from .keys import INTERNAL_KEYS_PATH, ApiKey, CreateKeyRequest, KeyStore, KeyTable, new_key
 from .node import DeploymentView, Node, NodeState
@@ -50,6 +51,7 @@ __all__ = [
     "NodeError",
     "NodeState",
     "Replica",
+    "ReplicaBusy",
     "ReplicaStatus",
     "Router",
     "ScaleRequest",

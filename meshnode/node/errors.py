@@ -7,7 +7,9 @@
     ├── InvalidDeployment         a launch/scale request that cannot be honoured (HTTP 400)
     ├── DeploymentExists          a deployment of that name already exists (HTTP 409)
     └── ModelUnavailable          the deployment exists but has no ready replica (HTTP 503)
-        └── ModelFailed           ... because its replica failed to start; `reason` says why
+        ├── ModelFailed           ... because its replica failed to start; `reason` says why
+        └── ReplicaBusy           a forwarded request's target replica is at the forwarder's
+                                  load cap (the forwarder tries another replica)
 
 Engine errors (meshnode.engines.EngineError) pass through unchanged.
 """
@@ -22,6 +24,7 @@ __all__ = [
     "ModelNotFound",
     "ModelUnavailable",
     "NodeError",
+    "ReplicaBusy",
 ]
 
 
@@ -59,3 +62,8 @@ class ModelFailed(ModelUnavailable):
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message, retry_after_s=30.0)
         self.reason = reason
+
+
+class ReplicaBusy(ModelUnavailable):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retry_after_s=1.0)

@@ -38,7 +38,7 @@ from meshnode.mesh.crypto_errors import RevocationError, SecurityError
 from meshnode.mesh.identity import NodeIdentity
 
 from . import engine_choice, placement
-from .catalogue import CATALOGUE, ModelSpec, deployment_spec, find_spec, size_mb, valid_name
+from .catalogue import ModelSpec, deployment_spec, find_spec, size_mb, valid_name
 from .cluster import Cluster, MemberView, NodeLoad, NodeMeta, node_load
 from .config import NodeConfig
 from .deployments import Deployment, DeploymentTable, LaunchRequest
@@ -48,6 +48,7 @@ from .errors import (
     InvalidDeployment,
     ModelNotFound,
     ModelUnavailable,
+    ReplicaBusy,
 )
 from .keysync import NodeKeys
 from .peers import PLACEMENT_STATES, PeerView, Target
@@ -67,8 +68,6 @@ class NodeState(enum.StrEnum):
     NEW = "new"
     RUNNING = "running"
     CLOSED = "closed"
-
-
 
 
 class Node:
@@ -105,7 +104,7 @@ class Node:
         if security is not None:
             self.revocation_sync = TableSync(
                 INTERNAL_REVOCATION_PATH, lambda: str(security.revocation_seq),
-                self._merge_revocation, self._table_changed, ssl_context=ssl_context,
+                security.merge_revocation, self._table_changed, ssl_context=ssl_context,
                 verify=verify, what="revocation")
         self.api_keys = NodeKeys(self.data_dir, self.name, self._table_changed,
                                  tombstone_ttl_s=self.config.tombstone_ttl_s,
@@ -243,12 +242,6 @@ class Node:
         if adopted:
             self._table_changed()
         return self.security.revocation_seq
-
-    def _merge_revocation(self, data: bytes) -> list[str]:
-        if self.security is None or not data:
-            return []
-        return [str(self.security.revocation_seq)] if self.security.adopt_revocation(data) \
-            else []
 
     def _revoked(self, node_ids: frozenset[str]) -> None:
         if self.cluster is not None:
@@ -443,12 +436,11 @@ class Node:
         self._abilities[name] = (d.version, abilities)
         return abilities
 
-    def route(self, name: str, key: bytes, prefix: bool = True) -> list[Target]:
-        """The nodes to try for a request to deployment `name` with routing `key`, in order;
-        `prefix`: a generative request, routed by its prefix's assignment (router.py).
-
-        ModelNotFound for an unknown deployment; ModelUnavailable (or ModelFailed) when no
-        live member has a ready replica."""
+    def route(self, name: str, key: bytes, prefix: bool = True) -> tuple[list[Target], int]:
+        """The nodes to try for a request to deployment `name` with routing `key`, in order,
+        and the load cap each try but the last carries (Router.plan); `prefix`: a
+        generative request, routed by its prefix's assignment. ModelNotFound for an unknown
+        deployment; ModelUnavailable (or ModelFailed) when no member has a ready replica."""
         self._get(name)
         holders, local = self._holders(name)
         if not holders:
@@ -458,8 +450,9 @@ class Node:
             why = view.message or "its replica is still loading"
             raise ModelUnavailable(f"model {name!r} has no ready replica: {why}; retry shortly")
         ledgers = {n: h[2] for n, h in holders.items()} if prefix else None
-        order = self.router.order(name, key, {n: h[1] for n, h in holders.items()}, ledgers)
-        return [holders[n][0] for n in order]
+        order, cap = self.router.plan(name, key, {n: h[1] for n, h in holders.items()},
+                                      ledgers, self.node_id if self.node_id in holders else None)
+        return [holders[n][0] for n in order], cap
 
     def _holders(self, name: str) -> tuple[dict[str, tuple[Target, int, bytes]], Replica | None]:
         """Ready holders of `name` (node id -> Target, load, packed prefixes); our replica."""
@@ -471,11 +464,21 @@ class Node:
                                      local.in_flight, ours)
         return holders, local
 
-    def serving_prefix(self, name: str, key: bytes) -> None:
-        """Our replica of `name` serves a generative request with `key`: Router.claims."""
-        ledgers = {n: h[2] for n, h in self._holders(name)[0].items()}
-        if self.router.claims(name, key, self.node_id, ledgers):
-            self.prefixes.record(name, key)
+    def serve(self, name: str, key: bytes, prefix: bool, cap: int | None = None) -> Replica:
+        """Our replica of `name`, taking a request with routing `key` now (the caller counts
+        it in flight before it next awaits). `cap`: the forwarder's load cap; ReplicaBusy
+        when the replica already holds that many. `prefix`: a generative request, whose
+        prefix the replica records when Router.claims says so."""
+        replica = self.replica(name)
+        if cap is not None and replica.in_flight >= cap:
+            raise ReplicaBusy(f"the replica of {name!r} on node {self.name!r} holds "
+                              f"{replica.in_flight} requests, the forwarder's cap of {cap}; "
+                              "it tries another replica")
+        if prefix:
+            ledgers = {n: h[2] for n, h in self._holders(name)[0].items()}
+            if self.router.claims(name, key, self.node_id, ledgers):
+                self.prefixes.record(name, key)
+        return replica
 
     def replica(self, name: str) -> Replica:
         """This node's replica of `name`; ModelNotFound if there is no such deployment,
@@ -485,10 +488,6 @@ class Node:
         if replica is None:
             raise ModelUnavailable(f"model {name!r} has no replica on node {self.name!r}")
         return replica
-
-    @staticmethod
-    def catalogue() -> list[ModelSpec]:
-        return list(CATALOGUE.values())
 
     async def wait_ready(self, name: str, timeout: float | None = None) -> str:
         with contextlib.suppress(KeyError):

@@ -12,11 +12,11 @@ puts it::
     pid    = prefix_id(key)
     owner  = assignment.owner[pid], or for a new prefix the first of ring.order(pid)
     order  = [owner] + the other replicas advertising pid + the rest, each in ring.order(pid)
-    first  = the first of `order` under the bounded-load capacity,
-             max(ceil(1.25 * (total in flight + 1) / R), MIN_CAPACITY)
+    cap    = max(ceil(1.25 * (total in flight + 1) / R), MIN_CAPACITY)
+    first  = the first of `order` this node knows to be under `cap`
 
-Embeddings and rerank have no prefix to reuse: `first` is the bounded-load choice on the ring
-walk from the key. Either way the rest of the ring walk is the retry order.
+Embeddings and rerank have no prefix to reuse: `order` is the ring walk from the key. Either
+way the rest of the walk is the retry order.
 
 Requests that share a prefix reach the same replica (its KV/prefix cache is warm) unless that
 replica is above 1.25x the mean load, then they spill to another replica that has served the
@@ -26,10 +26,20 @@ while under a short one ("Be brief.") the first user message makes each conversa
 key, so its later turns, which extend the same prefix, return to the replica that holds it.
 
 Loads are per deployment (the bound compares a deployment's replicas, whatever else their
-nodes serve): a replica's gossiped in-flight count, or this node's own count of requests for
-that deployment it has forwarded there and not yet seen answered, whichever is larger. The gossiped count already
-includes ours once it has caught up, so adding the two would count ours twice; the larger one
-is right when gossip is fresh and still counts our own when it is stale.
+nodes serve). Only a replica knows its own in-flight count; others see it gossiped, a
+snapshot up to a probe round old, which still counts requests that have finished: judged by
+it, a chat's next turn spilled off its replica to a cold one (bench/prefix_affinity). So the
+bound is checked where the count is exact:
+
+- the entering node sizes `cap` from the total in flight, each replica counted by the larger
+  of its gossiped count and this node's own requests forwarded there and not yet answered
+  (the gossiped count includes ours once it has caught up, so adding them would count ours
+  twice);
+- it skips a replica only when it knows that replica is full: its own forwarded requests
+  (or, for a local replica, the exact count) already reach `cap`;
+- every try but the last carries `cap`, and the target answers 503 `replica_busy` before any
+  byte when its replica already holds `cap` requests; the forwarder then tries the next one.
+  The last try carries none, so a request is always served.
 """
 
 from __future__ import annotations
@@ -63,12 +73,11 @@ _PID_CACHE = 4096
 """Routing keys whose prefix id is remembered (cleared when full)."""
 MIN_CAPACITY = 2
 """In-flight requests any replica may hold before the load bound can move a request away
-from its prefix's replica. Gossiped loads are snapshots taken at the last probe (up to a
-probe round old), so a replica answering one request may look busy after it finished; with
-a floor of 1 the bound, ceil(1.25 * (total + 1) / n), is 1 whenever fewer than n requests run,
-and such a stale 1 sent a prefix to a cold replica, whose evaluation of a long prompt costs
-more than waiting behind one request. Above n * 2 / 1.25 requests in flight the floor no
-longer matters: the bound is the 1.25 x mean rule."""
+from its prefix's replica. With a floor of 1 the bound, ceil(1.25 * (total + 1) / n), is 1
+whenever fewer than n requests run, so a second request for a busy prefix would go to a
+cold replica, whose evaluation of a long prompt costs more than waiting behind one request.
+Above n * 2 / 1.25 requests in flight the floor no longer matters: the bound is the
+1.25 x mean rule."""
 _json = msgspec.json.Encoder().encode
 
 
@@ -123,18 +132,28 @@ class Router:
             ring = self._rings[key] = Ring(nodes)
         return ring
 
-    def order(self, name: str, key: bytes, gossiped: Mapping[str, int],
-              ledgers: Mapping[str, bytes] | None = None) -> list[str]:
-        """Ready node ids (the keys of `gossiped`, their replicas' gossiped in-flight counts)
-        in the order to try.
+    def plan(self, name: str, key: bytes, gossiped: Mapping[str, int],
+             ledgers: Mapping[str, bytes] | None = None, local: str | None = None
+             ) -> tuple[list[str], int]:
+        """Ready node ids (the keys of `gossiped`, their replicas' gossiped in-flight counts;
+        `local`: this node's id if it holds a ready replica, whose count is exact) in the
+        order to try, and the bounded-load capacity each try but the last carries (the
+        target refuses when its replica already holds that many: Node.serve).
         With `ledgers` (node id -> its packed prefix ids for `name`; a generative request)
-        the prefix's owner first, else the bounded-load choice on the ring walk from the key;
-        then the rest of the ring walk. [] when none."""
+        the walk starts at the prefix's owner, else on the ring walk from the key. The first
+        target is the first of that walk that this node knows to be under the capacity (its
+        own forwarded count, or the exact local one), then the rest of the walk.
+        ([], 0) when none."""
         if not gossiped:
-            return []
+            return [], 0
         ring = self.ring(name, frozenset(gossiped))
         forwarded = self.forwarded.get
-        loads = {n: max(load, forwarded((name, n), 0)) for n, load in gossiped.items()}
+        known: dict[str, int] = {}
+        total = 0
+        for n, load in gossiped.items():
+            ours = load if n == local else forwarded((name, n), 0)
+            known[n] = ours
+            total += max(load, ours)
         if ledgers is None:
             order = ring.order(key)
         else:
@@ -143,8 +162,9 @@ class Router:
             order = assignment.orders.get(pid)  # fixed while the assignment is
             if order is None:
                 order = assignment.order(pid, ring.order(pid_bytes(pid)))
-        first = ring.choose_in(order, loads, self.load_factor, self.min_capacity)
-        return [first, *(n for n in order if n != first)]
+        first = ring.choose_in(order, known, self.load_factor, self.min_capacity, total)
+        return ([first, *(n for n in order if n != first)],
+                ring.capacity(total, self.load_factor, self.min_capacity))
 
     def claims(self, name: str, key: bytes, me: str, ledgers: Mapping[str, bytes]) -> bool:
         """Whether replica `me` of `name` should add the prefix of `key`, which it is serving,

@@ -263,3 +263,8 @@ class ClusterSecurity:
         for callback in self.on_revoked:
             callback(revoked)
         return True
+
+    def merge_revocation(self, data: bytes) -> list[str]:
+        """TableSync's merge of a peer's revocation list: the sequence now held if `data`
+        was adopted, else []."""
+        return [str(self.revocation_seq)] if data and self.adopt_revocation(data) else []

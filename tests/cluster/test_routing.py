@@ -9,6 +9,7 @@ bounded-load rule), then three prefixes on a deployment of three replicas (the a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import signal
@@ -208,6 +209,67 @@ async def test_two_replicas_prefix_affinity_and_bounded_load(
                                              for _ in range(16))))
         assert sum(got.values()) == 16
         assert max(got.values()) <= math.ceil(1.25 * 16 / 2), got
+
+
+async def test_a_full_holder_refuses_at_the_cap_and_the_entry_moves_on(
+        mesh: dict[str, NodeProcess]) -> None:
+    """Only a replica knows its own in-flight count exactly: the entering node forwards to
+    the prefix's owner with its load cap (X-Meshnode-Hop: 1; cap=N), the owner answers 503
+    replica_busy before any byte when it already holds N, and the entering node tries the
+    next replica. The last try carries no cap. A refused request moves no prefix."""
+    two = ready_nodes(mesh["a"])
+    spare = next(name for name in mesh if name not in two)
+    # SmolLM2 continues this count until max_tokens (1500 tokens: some 15 s).
+    count = {"model": CHAT, "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "max_tokens": 2,
+             "temperature": 0}
+    async with aiohttp.ClientSession() as session:
+        async def post(node: str, body: dict, hop: str | None = None
+                       ) -> tuple[int, dict, str]:
+            headers = {"X-Meshnode-Hop": hop} if hop is not None else {}
+            async with session.post(mesh[node].url + "/v1/completions", json=body,
+                                    headers=headers) as resp:
+                return resp.status, await resp.json(), resp.headers.get("X-Served-By", "")
+
+        status, _, holder = await post(spare, count)
+        assert status == 200
+        other = next(n for n in two if n != holder)
+        # Two long streams served by the holder itself (the hop header): it holds 2. The
+        # second one's head comes only once the first is done (one sequence at a time).
+        long = {**count, "stream": True, "max_tokens": 1500}
+        streams = [asyncio.create_task(session.post(
+            mesh[holder].url + "/v1/completions", json=long, headers={"X-Meshnode-Hop": "1"}))
+            for _ in range(2)]
+
+        async def holds(n: int) -> None:
+            async with asyncio.timeout(10):
+                while True:  # the holder's own load, as it gossips it (refreshed each probe)
+                    async with session.get(mesh[holder].url + "/v1/cluster/nodes") as resp:
+                        data = (await resp.json())["data"]
+                    if next(m["load"] for m in data if m["local"]) == n:
+                        return
+                    await asyncio.sleep(0.05)
+
+        try:
+            await holds(2)
+            status, body, _ = await post(holder, count, "1; cap=2")
+            assert status == 503 and body["error"]["code"] == "replica_busy", body
+            assert "cap of 2" in body["error"]["message"]
+            status, body, _ = await post(holder, count, "1; cap=two")
+            assert status == 400 and "X-Meshnode-Hop" in body["error"]["message"]
+            # From the spare: cap max(ceil(1.25 * 3 / 2), 2) = 2, so the holder refuses and
+            # the other replica serves it, with no added error.
+            status, body, served = await post(spare, count)
+            assert status == 200 and served == other, body
+            assert body["choices"][0]["text"]
+        finally:
+            for task in streams:
+                task.cancel()  # the client goes away: the holder stops generating
+                with contextlib.suppress(asyncio.CancelledError):
+                    (await task).close()
+        await holds(0)
+        assert (await post(spare, count))[2] == holder  # the spill moved no prefix
+        status, _, served = await post(holder, count, "1; cap=1")
+        assert status == 200 and served == holder  # under its cap: served
 
 
 async def test_three_prefixes_settle_on_three_replicas_seen_alike_from_every_node(

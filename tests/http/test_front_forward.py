@@ -19,10 +19,13 @@ from aiohttp import web
 
 from meshnode.http import forward, openai_api
 from meshnode.http.front import FrontSite
+from meshnode.http.passthrough import effective_hop, hop_cap
 from meshnode.http.keys import NODE
+from meshnode.engines import InvalidRequest
 from meshnode.node import ModelUnavailable, NodeConfig, Router, Target
 
 BODY = {"model": "m", "prompt": "hello", "max_tokens": 1}
+CAP = 7
 
 
 class FakeNode:
@@ -40,13 +43,13 @@ class FakeNode:
     def abilities(self, name: str) -> tuple[str, ...]:
         return ("chat", "completion")
 
-    def route(self, name: str, key: bytes, prefix: bool = True) -> list[Target]:
+    def route(self, name: str, key: bytes, prefix: bool = True) -> tuple[list[Target], int]:
         if not self.targets:
             raise ModelUnavailable(f"model {name!r} has no ready replica; retry shortly")
-        return list(self.targets)
+        return list(self.targets), CAP
 
-    def replica(self, name: str) -> Any:
-        raise ModelUnavailable("no replica here")
+    def serve(self, name: str, key: bytes, prefix: bool, cap: int | None = None) -> Any:
+        raise ModelUnavailable(f"no replica here (cap {cap})")
 
 
 async def _peer(name: str, seen: dict[str, Any], *, status: int = 200,
@@ -129,7 +132,8 @@ async def test_503_then_next_replica(world: dict[str, Any]) -> None:
     async with aiohttp.ClientSession() as s:
         for _ in range(3):  # the first with fresh connections, then pooled ones
             assert await _post(s, world) == (200, {"served": "good"}, "good")
-    assert world["seen"]["busy"] == ["1"] * 3 and world["seen"]["good"] == ["1"] * 3
+    # Every try but the last carries the router's cap, which the peer may refuse at.
+    assert world["seen"]["busy"] == [f"1; cap={CAP}"] * 3 and world["seen"]["good"] == ["1"] * 3
     assert not world["node"].router.forwarded  # every in-flight count went back to 0
 
 
@@ -193,3 +197,35 @@ async def test_stream_is_spliced_and_a_client_that_leaves_cancels_the_peer(
         await world["seen"]["cancelled"].wait()
     pool = world["app"][forward.FORWARD_UPSTREAM]
     assert len(pool._idle.get(world["urls"]["good"], ())) <= 1  # the cut one was not pooled
+
+
+def test_the_hop_header_counts_only_where_it_may() -> None:
+    for hop in (None, "", "1", "1; cap=2"):
+        assert effective_hop("public", hop) is None  # a client cannot skip routing
+        assert effective_hop("internal", hop) == (hop or "")  # a peer: always served here
+        assert effective_hop("open", hop) == (hop or None)
+
+
+def test_hop_cap_reads_the_two_forms_and_nothing_else() -> None:
+    assert hop_cap("1") is None and hop_cap("") is None
+    assert hop_cap("1; cap=3") == 3 and hop_cap("1; cap=123456789") == 123456789
+    for bad in ("yes", "2", "1; cap=0", "1; cap=-1", "1; cap=x", "1; cap=", "1;cap=3",
+                "1; cap=3 ", "1; cap=1234567890", "1; cap=٣"):
+        with pytest.raises(InvalidRequest, match="X-Meshnode-Hop"):
+            hop_cap(bad)
+
+
+@pytest.mark.parametrize(("hop", "status", "said"), [
+    ("1; cap=2", 503, "no replica here (cap 2)"),  # the node is asked, with the cap
+    ("1", 503, "no replica here (cap None)"),
+    ("1; cap=zero", 400, "is neither '1' nor '1; cap=N'"),  # the node is never asked
+])
+async def test_a_forwarded_request_is_served_here_with_its_cap(
+        world: dict[str, Any], hop: str, status: int, said: str) -> None:
+    _targets(world, "good")  # never used: a forwarded request is not forwarded again
+    async with aiohttp.ClientSession() as s:
+        async with s.post(world["url"] + "/v1/completions", json=BODY,
+                          headers={"X-Meshnode-Hop": hop}) as resp:
+            assert resp.status == status
+            assert said in (await resp.json())["error"]["message"]
+    assert "good" not in world["seen"]

@@ -338,6 +338,25 @@ def test_choose_rejects_bad_arguments() -> None:
             ring.choose("key", {}, c)
     with pytest.raises(ValueError, match="loads"):
         ring.choose("key", {"node-0001": -1})
+    with pytest.raises(ValueError, match="below the sum"):
+        ring.choose_in(ring.order("key"), {"node-0001": 3}, total=2)
+
+
+def test_choose_in_with_a_larger_known_total() -> None:
+    """Loads known only in part (a lower bound per node) with the total they sit in: the
+    capacity comes from the total, and some node is always under it."""
+    rng = random.Random(7)
+    print("seed 7")
+    ring = Ring(node_ids(4))
+    for _ in range(500):
+        known = {n: rng.randrange(6) for n in ring.nodes}
+        total = sum(known.values()) + rng.randrange(20)
+        order = ring.order(str(rng.random()))
+        cap = ring.capacity(total, 1.25, 2)
+        assert cap == max(math.ceil(1.25 * (total + 1) / 4), 2)
+        chosen = ring.choose_in(order, known, 1.25, 2, total)
+        assert known[chosen] + 1 <= cap
+        assert all(known[n] + 1 > cap for n in order[:order.index(chosen)])
 
 
 def test_empty_ring() -> None:

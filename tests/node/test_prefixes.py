@@ -98,20 +98,20 @@ def test_three_prefixes_on_three_replicas_get_one_each_unlike_a_plain_ring() -> 
         keys = [b"prompt %d/%d" % (trial, j) for j in range(3)]
         loads = dict.fromkeys(nodes, 0)
         # New prefixes, before any ledger shows them: spread on the ring (maybe two on one).
-        first = [Router().order("dep", k, loads, {})[0] for k in keys]
+        first = [Router().plan("dep", k, loads, {})[0][0] for k in keys]
         collided += len(set(first)) < 3
         ledgers: dict[str, bytes] = {}
         for node, key in zip(first, keys, strict=True):  # each first server claims its own
             ledgers[node] = packed(*(k for n, k in zip(first, keys, strict=True) if n == node))
         rng.shuffle(nodes)
-        owners = [Router().order("dep", k, dict.fromkeys(nodes, 0), ledgers)[0] for k in keys]
+        owners = [Router().plan("dep", k, dict.fromkeys(nodes, 0), ledgers)[0][0] for k in keys]
         assert sorted(owners) == sorted(nodes), (trial, owners)  # once gossiped: one each
         # The new owners claim what moved to them; the assignment then stays put.
         settled = {n: packed(*(k for o, k in zip(owners, keys, strict=True) if o == n))
                    for n in nodes}
         merged = {n: packed(*{k for m in (ledgers, settled) for k in keys
                               if prefix_id(k) in unpack(m.get(n, b""))}) for n in nodes}
-        assert [Router().order("dep", k, loads, merged)[0] for k in keys] == owners
+        assert [Router().plan("dep", k, loads, merged)[0][0] for k in keys] == owners
     assert collided > 150  # the ring alone puts two on one replica ~7 times in 9
 
 
@@ -156,7 +156,7 @@ def test_nodes_with_one_view_agree_on_new_prefixes_too() -> None:
     firsts = []
     for i in range(50):
         key = b"new %d" % i
-        choices = {Router().order("dep", key, nodes, ledgers)[0] for _ in range(3)}
+        choices = {Router().plan("dep", key, nodes, ledgers)[0][0] for _ in range(3)}
         assert len(choices) == 1  # every node, with the same view, picks the same replica
         firsts += choices
     # A burst of new prefixes before any ledger shows them spreads along the ring, rather
@@ -168,11 +168,13 @@ def test_a_hot_prefix_spills_to_another_holder_of_it_first() -> None:
     router = Router()
     nodes = ["a", "b", "c", "d"]
     ledgers = {"a": packed(b"hot"), "b": b"", "c": packed(b"hot", b"x"), "d": b""}
-    owner = router.order("dep", b"hot", dict.fromkeys(nodes, 0), ledgers)[0]
+    owner = router.plan("dep", b"hot", dict.fromkeys(nodes, 0), ledgers)[0][0]
     other = ({"a", "c"} - {owner}).pop()
-    loads = dict.fromkeys(nodes, 0)
-    loads[owner] = 3  # total 3 + 1: capacity ceil(1.25 * 4 / 4) = 2
-    order = router.order("dep", b"hot", loads, ledgers)
+    tracks = [router.track("dep", owner) for _ in range(3)]  # forwarded by this node
+    for t in tracks:
+        t.__enter__()
+    # total 3 + 1: capacity ceil(1.25 * 4 / 4) = 2
+    order = router.plan("dep", b"hot", dict.fromkeys(nodes, 0), ledgers)[0]
     assert order[0] == other and set(order) == set(nodes)
 
 
@@ -181,7 +183,7 @@ def test_embeddings_route_on_the_plain_ring() -> None:
     ring = Ring(nodes)
     for i in range(20):
         key = b"m\0input %d" % i
-        assert Router().order("dep", key, nodes)[0] == ring.lookup(key)
+        assert Router().plan("dep", key, nodes)[0][0] == ring.lookup(key)
 
 
 def test_a_spill_claims_nothing_so_the_prefix_stays_where_it_is() -> None:
@@ -196,7 +198,7 @@ def test_a_moved_prefix_is_ceded_once_its_new_owner_advertises_it() -> None:
     router = Router()
     # Two prefixes collided on "a" before gossip; the assignment moves one of them.
     ledgers = {"a": packed(b"k1", b"k2"), "b": b"", "c": b""}
-    owners = {k: router.order("dep", k, dict.fromkeys(ledgers, 0), ledgers)[0]
+    owners = {k: router.plan("dep", k, dict.fromkeys(ledgers, 0), ledgers)[0][0]
               for k in (b"k1", b"k2")}
     moved = next(k for k, o in owners.items() if o != "a")
     assert router.ceded("dep", "a", ledgers) == frozenset()  # the new owner has not claimed it
@@ -235,7 +237,7 @@ def test_prefixes_settle_on_one_replica_each_and_stay_put() -> None:
         for rnd in range(12):
             for key in rng.sample(keys, len(keys)):  # each prefix served once a round
                 entry = routers[rng.choice(nodes)]
-                owner = entry.order("dep", key, dict.fromkeys(nodes, 0), gossiped)[0]
+                owner = entry.plan("dep", key, dict.fromkeys(nodes, 0), gossiped)[0][0]
                 if routers[owner].claims("dep", key, owner, gossiped):
                     ledgers[owner].record("dep", key)
                 if last.setdefault(key, owner) != owner:

@@ -53,16 +53,16 @@ def test_completion_key_is_the_first_bytes_of_the_prompt() -> None:
 
 def test_same_key_same_choice_on_every_node_and_stable() -> None:
     nodes = {"n1": 0, "n2": 0, "n3": 0}
-    first = Router().order("dep", b"k", nodes)
+    first = Router().plan("dep", b"k", nodes)[0]
     assert sorted(first) == sorted(nodes)
     for _ in range(3):
-        assert Router().order("dep", b"k", dict(reversed(nodes.items()))) == first
+        assert Router().plan("dep", b"k", dict(reversed(nodes.items())))[0] == first
 
 
 def test_keys_spread_over_replicas() -> None:
     router = Router()
     nodes = {"n1": 0, "n2": 0}
-    owners = Counter(router.order("dep", f"prompt {i}".encode(), nodes)[0] for i in range(400))
+    owners = Counter(router.plan("dep", f"prompt {i}".encode(), nodes)[0][0] for i in range(400))
     assert set(owners) == {"n1", "n2"} and min(owners.values()) > 120
 
 
@@ -72,7 +72,7 @@ def test_bounded_load_spills_a_hot_key() -> None:
     got: Counter[str] = Counter()
     tracks = []
     for _ in range(16):  # 16 concurrent requests with one prefix, counted as forwarded
-        node = router.order("dep", b"hot", nodes)[0]
+        node = router.plan("dep", b"hot", nodes)[0][0]
         got[node] += 1
         tracks.append(router.track("dep", node))
         tracks[-1].__enter__()
@@ -85,38 +85,53 @@ def test_bounded_load_spills_a_hot_key() -> None:
 def test_gossiped_load_and_own_count_are_not_added() -> None:
     router = Router()
     with router.track("dep", "n1"), router.track("dep", "n1"):
-        # n1's gossip (2) already includes our two: the larger counts, not the sum.
-        owner = router.order("dep", b"k", {"n1": 0, "n2": 0})[0]
-        assert router.order("dep", b"k", {"n1": 2, "n2": 2})[0] == \
-            Router().order("dep", b"k", {"n1": 2, "n2": 2})[0]
-    assert owner in ("n1", "n2")
+        # n1's gossip (2) already includes our two: the larger counts, not the sum, so the
+        # total is 4 and the cap ceil(1.25 * 5 / 2) = 4 (with 6 it would be 5).
+        assert router.plan("dep", b"k", {"n1": 2, "n2": 2})[1] == 4
+        assert router.plan("dep", b"k", {"n1": 0, "n2": 2})[1] == 4
+    assert router.plan("dep", b"k", {"n1": 2, "n2": 2})[1] == 4
+    assert router.plan("dep", b"k", {"n1": 0, "n2": 0})[1] == 2  # the floor
 
 
 def test_no_ready_replica_gives_no_order() -> None:
-    assert Router().order("dep", b"k", {}) == []
+    assert Router().plan("dep", b"k", {})[0] == []
 
 
-def test_one_request_in_flight_does_not_move_a_prefix() -> None:
+def test_a_gossiped_load_sets_the_cap_but_moves_no_prefix() -> None:
+    """Only a replica knows its own count (a gossiped one may still count finished
+    requests): the entering node sends the request to the prefix's owner with the cap, and
+    the owner refuses if it is full (Node.serve)."""
     nodes = {"n1": 0, "n2": 0, "n3": 0}
-    owner = Router().order("dep", b"k", nodes, {})[0]
+    owner = Router().plan("dep", b"k", nodes, {})[0][0]
     busy = {**nodes, owner: 1}  # e.g. a gossiped snapshot taken while it served one
-    assert Router().order("dep", b"k", busy, {})[0] == owner
-    # Without the floor the bound, ceil(1.25 * 2 / 3) = 1, would send it to a cold replica.
-    assert Router(min_capacity=1).order("dep", b"k", busy, {})[0] != owner
-    assert Router().order("dep", b"k", {**nodes, owner: 2}, {})[0] != owner
+    assert Router().plan("dep", b"k", busy, {}) == Router().plan("dep", b"k", nodes, {})
+    # The floor: without it the cap, ceil(1.25 * 2 / 3) = 1, would refuse a second request.
+    assert Router().plan("dep", b"k", busy, {})[1] == 2
+    assert Router(min_capacity=1).plan("dep", b"k", busy, {})[1] == 1
+    order, cap = Router().plan("dep", b"k", {**nodes, owner: 5}, {})
+    assert order[0] == owner and cap == 3  # max(ceil(1.25 * 6 / 3), 2)
+
+
+def test_an_exact_local_count_at_the_cap_moves_the_request() -> None:
+    nodes = {"n1": 0, "n2": 0, "n3": 0}
+    owner = Router().plan("dep", b"k", nodes, {})[0][0]
+    order, cap = Router().plan("dep", b"k", {**nodes, owner: 1}, {}, local=owner)
+    assert order[0] == owner and cap == 2
+    order, cap = Router().plan("dep", b"k", {**nodes, owner: 2}, {}, local=owner)
+    assert order[0] != owner and order[1:].count(owner) == 1 and cap == 2
 
 
 def test_loads_count_per_deployment_so_another_deployment_moves_nothing() -> None:
     router = Router()
     nodes = {"n1": 0, "n2": 0, "n3": 0}
-    owner = router.order("dep", b"k", nodes)[0]
+    owner = router.plan("dep", b"k", nodes)[0][0]
     with router.track("other", owner), router.track("other", owner), \
             router.track("other", owner):  # busy with another deployment's requests
-        assert router.order("dep", b"k", nodes)[0] == owner
+        assert router.plan("dep", b"k", nodes)[0][0] == owner
     tracks = [router.track("dep", owner) for _ in range(3)]
     for t in tracks:
         t.__enter__()
-    assert router.order("dep", b"k", nodes)[0] != owner  # 3 > max(ceil(1.25 * 4 / 3), 2)
+    assert router.plan("dep", b"k", nodes)[0][0] != owner  # 3 > max(ceil(1.25 * 4 / 3), 2)
     for t in tracks:
         t.__exit__(None, None, None)
     assert not router.forwarded
