@@ -37,6 +37,7 @@ def _start(args: argparse.Namespace) -> int:
     flags.update({"api_keys": args.api_keys, "ca_dir": args.ca_dir,
                   "invite_port": args.invite_port})
     flags["prompt_cache_mb"] = args.prompt_cache_mb
+    flags["labels"] = tuple(args.label or ())
     try:
         config = load_config(flags, config_file=args.config)
     except ConfigError as exc:
@@ -72,6 +73,12 @@ def _launch(args: argparse.Namespace) -> int:
         body["engine"] = args.engine
     if args.chat_template:
         body["chat_template"] = Path(args.chat_template).read_text()
+    if args.node:
+        body["nodes"] = args.node
+    if args.label:
+        body["labels"] = args.label
+    if args.min_ram_mb:
+        body["min_ram_mb"] = args.min_ram_mb
     view = client.request("POST", "/v1/deployments", body)
     name = view["name"]
     if args.no_wait:
@@ -103,6 +110,10 @@ def _wait(client: AdminClient, name: str, timeout_s: float) -> int:
         if status == "failed":
             print()
             raise CliError(f"{name} failed to load: {view['message']}")
+        if status == "unplaced":
+            print()
+            raise CliError(f"{name} is launched but no node can hold it: {view['message']}. "
+                           f"It starts when a node can; `meshnode stop {name}` removes it")
         if elapsed > timeout_s:
             print()
             raise CliError(f"{name} is still {status} after {timeout_s:.0f}s; "
@@ -120,9 +131,14 @@ def _ps(args: argparse.Namespace) -> int:
     for d in data:
         where = ", ".join(f"{p['node']}({p['state']})" for p in d["placed"]) or "-"
         ready = sum(p["state"] == "ready" for p in d["placed"])
+        rules = [*(f"node={n}" for n in d.get("nodes", ())),
+                 *(f"label={x}" for x in d.get("labels", ()))]
+        if d.get("min_ram_mb"):
+            rules.append(f"ram>={d['min_ram_mb']}MB")
         rows.append([d["name"], d["model"], d["engine"], f"{ready}/{d['replicas']}",
-                     d["status"], where, d["message"] or ""])
-    print(table(["NAME", "MODEL", "ENGINE", "READY", "STATUS", "REPLICAS", "MESSAGE"], rows))
+                     d["status"], where, " ".join(rules) or "-", d["message"] or ""])
+    print(table(["NAME", "MODEL", "ENGINE", "READY", "STATUS", "REPLICAS", "ON", "MESSAGE"],
+                rows))
     return 0
 
 
@@ -219,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "7703)")
     p.add_argument("--prompt-cache-mb", type=int, metavar="MIB",
                    help="saved KV states per llama.cpp replica, in MiB (default 256; 0 = off)")
+    p.add_argument("--label", action="append", metavar="LABEL",
+                   help="a label of this node (repeatable), e.g. gpu or zone=a: deployments "
+                        "launched with --label run only on nodes that carry it")
     p.set_defaults(func=_start)
 
     def client_parser(name: str, help_: str) -> argparse.ArgumentParser:
@@ -233,6 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", help="force an engine: llama.cpp, transformers, vllm, sglang, mlx")
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template to use")
+    p.add_argument("--node", action="append", metavar="NAME",
+                   help="run replicas only on this node (repeatable: any of these nodes)")
+    p.add_argument("--label", action="append", metavar="LABEL",
+                   help="run replicas only on nodes started with this label (repeatable: "
+                        "every one of them)")
+    p.add_argument("--min-ram-mb", type=int, metavar="MB",
+                   help="run replicas only on nodes with at least this much RAM")
     p.add_argument("--no-wait", action="store_true", help="return once launched")
     p.add_argument("--timeout", type=float, default=900.0, metavar="SECONDS")
     p.set_defaults(func=_launch)

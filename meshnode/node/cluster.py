@@ -52,6 +52,8 @@ class NodeMeta(msgspec.Struct, frozen=True, array_like=True):
     prefixes: tuple[tuple[str, bytes], ...] = ()
     """(deployment name, sorted prefix ids packed as big-endian u32) of the prompt prefixes
     each local replica served lately (prefixes.PrefixLedger): what routing assigns by."""
+    labels: tuple[str, ...] = ()
+    """This node's labels (`meshnode start --label`), which deployments may require."""
 
 
 class NodeLoad(msgspec.Struct, frozen=True, array_like=True):

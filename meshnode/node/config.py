@@ -21,6 +21,8 @@ from .errors import ConfigError
 __all__ = ["NodeConfig", "load_config", "default_data_dir"]
 
 Port = Annotated[int, Meta(ge=0, le=65535)]
+Label = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._=:-]{0,63}$")]
+"""A node label: `gpu`, `zone=a`: a letter or digit, then up to 63 of those or . _ = : -"""
 ENV_PREFIX = "MESHNODE_"
 
 
@@ -40,6 +42,9 @@ class NodeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     """Where models, logs and state live; empty means $XDG_DATA_HOME/meshnode."""
     models: tuple[str, ...] = ()
     """Models (catalogue names or GGUF paths) to launch when the node starts."""
+    labels: Annotated[tuple[Label, ...], Meta(max_length=16)] = ()
+    """Labels of this node (`gpu`, `zone=a`), gossiped: a deployment launched with
+    `--label L` runs only on nodes that carry L. At most 16."""
     log_format: Literal["console", "json"] = "console"
     """console for people, json (one object a line) for log collectors."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -129,7 +134,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         if value is None:
             continue
         items = [v.strip() for v in value.split(",") if v.strip()]
-        if name in ("models", "join"):
+        if name in ("models", "join", "labels"):
             out[name] = tuple(items)
         elif name == "engine_pythons":  # "vllm=/opt/vllm/bin/python,sglang=..."
             out[name] = dict(item.split("=", 1) for item in items if "=" in item)

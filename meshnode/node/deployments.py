@@ -19,9 +19,13 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
+from .config import Label
 from .errors import ConfigError
 
 __all__ = ["Deployment", "DeploymentTable", "LaunchRequest", "ScaleRequest"]
+
+Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+"""A node name as a placement constraint (what `meshnode start --name` accepts)."""
 
 
 class LaunchRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -33,6 +37,12 @@ class LaunchRequest(msgspec.Struct, frozen=True, kw_only=True):
     replicas: Annotated[int, Meta(ge=1, le=64)] = 1
     chat_template: Annotated[str, Meta(min_length=1)] | None = None
     context_length: Annotated[int, Meta(ge=128)] | None = None
+    nodes: Annotated[tuple[Name, ...], Meta(max_length=64)] = ()
+    """Pin: run replicas only on nodes with these names."""
+    labels: Annotated[tuple[Label, ...], Meta(max_length=16)] = ()
+    """Run replicas only on nodes started with every one of these labels (`--label`)."""
+    min_ram_mb: Annotated[int, Meta(ge=0)] = 0
+    """Run replicas only on nodes with at least this much RAM."""
 
 
 class ScaleRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -56,14 +66,27 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True):
     """Name of the node that made the last change."""
     deleted: bool = False
     """A tombstone: the deployment was stopped at `version`."""
+    nodes: tuple[str, ...] = ()
+    """Placement constraint: only nodes of these names (none: any)."""
+    labels: tuple[str, ...] = ()
+    """Placement constraint: only nodes that carry every one of these labels."""
+    min_ram_mb: int = 0
+    """Placement constraint: only nodes with at least this much RAM."""
+    size_mb: int = 0
+    """The model's size as the launching node saw it (catalogue, or the file's size), so
+    every node budgets the same RAM for a replica, whether or not it has the file."""
 
     @classmethod
     def new(cls, *, name: str, model: str, engine: str, replicas: int,
-            chat_template: str | None, context_length: int, origin: str) -> "Deployment":
+            chat_template: str | None, context_length: int, origin: str,
+            nodes: tuple[str, ...] = (), labels: tuple[str, ...] = (), min_ram_mb: int = 0,
+            size_mb: int = 0) -> "Deployment":
         now = time.time_ns()
         return cls(name=name, model=model, engine=engine, replicas=replicas,
                    chat_template=chat_template, context_length=context_length,
-                   created=now // 1_000_000_000, version=now, origin=origin)
+                   created=now // 1_000_000_000, version=now, origin=origin,
+                   nodes=tuple(sorted(set(nodes))), labels=tuple(sorted(set(labels))),
+                   min_ram_mb=min_ram_mb, size_mb=size_mb)
 
     def scaled(self, replicas: int, origin: str) -> "Deployment":
         return msgspec.structs.replace(self, replicas=replicas,

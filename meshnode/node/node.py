@@ -26,19 +26,14 @@ import msgspec
 import structlog
 
 from meshnode import __version__
-from meshnode.engines import (
-    EngineOption,
-    Hardware,
-    SupervisorConfig,
-    detect_hardware,
-    probe_engines,
-)
+from meshnode.engines import (EngineOption, Hardware, SupervisorConfig, detect_hardware,
+                              probe_engines)
 from meshnode.mesh import MemberState
 from meshnode.mesh.crypto_errors import RevocationError, SecurityError
 from meshnode.mesh.identity import NodeIdentity
 
 from . import engine_choice, placement
-from .catalogue import ModelSpec, deployment_spec, find_spec, size_mb, valid_name
+from .catalogue import deployment_spec, find_spec, valid_name
 from .cluster import Cluster, MemberView, NodeLoad, NodeMeta, node_load
 from .config import NodeConfig
 from .deployments import Deployment, DeploymentTable, LaunchRequest
@@ -199,6 +194,7 @@ class Node:
         return self.prefixes.meta(NodeMeta(
             name=self.name, http_host=self.config.host, http_port=self.http_port,
             ram_mb=hw.ram_mb if hw else 0, gpus=len(hw.gpus) if hw else 0,
+            labels=self.config.labels,
             engines=tuple(o.engine for o in self.engines if o.available),
             replicas=tuple((name, r.state) for name, r in sorted(self.replicas.items())),
             version=__version__, deployments_digest=self.deployments.digest(),
@@ -303,8 +299,9 @@ class Node:
                     closing.append(self.replicas.pop(name))
                     log.info("replica.unload", model=name,
                              reason="stopped" if d is None else "changed")
+            where = placement.place(live.values(), view)
             for d in live.values():
-                chosen = placement.holders(d, view, size_mb(d.model))
+                chosen = where[d.name].holders
                 replica = self.replicas.get(d.name)
                 if self.node_id in chosen:
                     if replica is None:
@@ -344,8 +341,8 @@ class Node:
             raise InvalidDeployment(
                 f"invalid deployment name {name!r}: use 1-64 letters, digits, '.', '_' or '-'"
                 ", starting with a letter or digit", param="name")
-        option = self._choose_engine(spec, request.engine)
-        engine = option.engine
+        assert self.hardware is not None
+        engine = engine_choice.choose(spec, request.engine, self.engines, self.hardware).engine
         context = min(request.context_length or spec.context_length,
                       self.config.max_context_length)
         async with self._lock:
@@ -355,7 +352,8 @@ class Node:
             deployment = Deployment.new(
                 name=name, model=request.model if spec.family == "local" else spec.name,
                 engine=engine, replicas=request.replicas, chat_template=request.chat_template,
-                context_length=context, origin=self.name)
+                context_length=context, origin=self.name, nodes=request.nodes,
+                labels=request.labels, min_ram_mb=request.min_ram_mb, size_mb=spec.size_mb)
             old = self.deployments.entry(name)
             if old is not None and old.version >= deployment.version:  # clock behind a peer
                 deployment = msgspec.structs.replace(deployment, version=old.version + 1)
@@ -394,10 +392,6 @@ class Node:
                                 "`meshnode launch MODEL` starts one")
         return deployment
 
-    def _choose_engine(self, spec: ModelSpec, forced: str | None) -> EngineOption:
-        assert self.hardware is not None
-        return engine_choice.choose(spec, forced, self.engines, self.hardware)
-
     def engine_options(self, model: str) -> list[dict[str, object]]:
         """For GET /v1/engines: each engine, whether it could run `model` here, and why not."""
         assert self.hardware is not None
@@ -410,11 +404,13 @@ class Node:
         d = self._get(name)
         members = self._placement_view()
         placed = placed_replicas(name, members, self.node_id, self.replicas.get(name))
-        status, message = deployment_status(d, placed, members, size_mb(d.model))
+        where = placement.place(self.deployments.all(), members)[name]
+        status, message = deployment_status(d, placed, where)
         return DeploymentView(
             name=d.name, model=d.model, engine=d.engine, replicas=d.replicas,
             abilities=self.abilities(name), context_length=d.context_length, created=d.created,
-            version=d.version, status=status, message=message, placed=placed)
+            version=d.version, status=status, message=message, placed=placed, nodes=d.nodes,
+            labels=d.labels, min_ram_mb=d.min_ram_mb)
 
     def views(self) -> list[DeploymentView]:
         return [self.view(d.name) for d in self.deployments.all()]

@@ -1,16 +1,26 @@
 """Placement: which nodes hold a deployment's replicas. Pure functions of the membership view.
 
-Every node runs the same computation on the same gossiped view, so they agree with no
-coordinator:
+Every node runs the same computation on the same gossiped view and deployment table, so
+they agree with no coordinator:
 
-    candidates(d) = {node: weight} for members whose engines include d.engine, whose RAM
-                    holds the model (ram_mb >= size_mb * RAM_HEADROOM, when both are known),
-                    and whose replica of d has not failed
+    need(d)       = d's model size x RAM_HEADROOM (MB; 0 when the size is unknown)
+    free(n)       = n's RAM, less need(e) for each deployment e placed on n before d
+    candidates(d) = {node: weight} for members that
+                    - are among d.nodes (when d is pinned to node names),
+                    - gossip no failed replica of d,
+                    - have d.engine,
+                    - carry every label in d.labels,
+                    - have at least d.min_ram_mb of RAM,
+                    - have free(n) >= need(d) (when both are known)
     weight        = ram_mb (1.0 when unknown): bigger nodes win proportionally more deployments
     holders(d)    = rendezvous_top(d.name, candidates(d), d.replicas)
 
-Rendezvous hashing moves only what it must: when a node dies, only the deployments it held
-get a new holder (the next-best score), and every other holder stays put. A node that finds
+Deployments are placed one after another in a fixed order (oldest first, by `created`, then
+name), each taking its replicas' memory from its holders: a node full of earlier deployments
+is no candidate for a later one, so deployments spread over the nodes that have room rather
+than stacking where the hash puts them. Rendezvous hashing moves only what it must: when a
+node dies, the deployments it held get the next-best node, and the others stay put unless
+memory is short (a moved replica can take room a later deployment had). A node that finds
 itself a holder starts a replica; one that is no longer a holder keeps serving until every
 holder reports the replica ready (`can_unload`), so a move never leaves a gap.
 
@@ -20,45 +30,153 @@ its reason, and takes that node out of the deployment's candidates: the next nod
 rendezvous order takes the replica over. A model given by a path that exists on only some
 nodes therefore settles on a node that has the file. The record goes when the deployment
 changes (scale, relaunch) or stops, and the node may then try again.
+
+When no node can hold a deployment, `Placed.reason` says which rule left none.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import NamedTuple
 
 from meshnode.mesh.hashing import rendezvous_top
 
+from .catalogue import size_mb
 from .cluster import NodeMeta
 from .deployments import Deployment
 
-__all__ = ["RAM_HEADROOM", "can_unload", "candidates", "holders", "unplaced_reason"]
+__all__ = ["RAM_HEADROOM", "Placed", "can_unload", "candidates", "holders", "need_mb", "place",
+           "unplaced_reason"]
 
 RAM_HEADROOM = 1.2
 """A node must have this many times the model's size in RAM (KV cache, engine, the OS)."""
 
 
+class Placed(NamedTuple):
+    """Where one deployment goes, as place() computed it."""
+
+    holders: list[str]
+    """Node ids to run its replicas, best first."""
+    able: int
+    """How many nodes could hold it."""
+    reason: str
+    """Why no node can hold it ("" when some can)."""
+
+
+def need_mb(d: Deployment) -> int:
+    """MB of RAM a replica of `d` takes from its node's budget (0: size unknown). A
+    deployment written before it recorded its size counts its catalogue size."""
+    return int((d.size_mb or size_mb(d.model)) * RAM_HEADROOM)
+
+
+def _rules(d: Deployment, free: Mapping[str, int]
+           ) -> list[tuple[Callable[[str, NodeMeta], bool], Callable[[list[NodeMeta]], str]]]:
+    """(keeps node, why none was kept) for each placement rule, in the order applied."""
+    need = need_mb(d)
+
+    def pinned(_: list[NodeMeta]) -> str:
+        return (f"it is pinned to node(s) {', '.join(d.nodes)}, and none of them is a live "
+                "member: start one, or relaunch it without --node")
+
+    def failed(metas: list[NodeMeta]) -> str:
+        return (f"it failed to load on {', '.join(sorted(m.name for m in metas))} and no "
+                "other node can hold it: see each node's reason in `meshnode ps`, fix it, "
+                "then relaunch")
+
+    def engine(metas: list[NodeMeta]) -> str:
+        return (f"no node can hold this model: none of the {len(metas)} node(s) it may use "
+                f"has the {d.engine} engine")
+
+    def labels(metas: list[NodeMeta]) -> str:
+        have = "; ".join(f"{m.name}: {', '.join(m.labels) or '-'}"
+                         for m in sorted(metas, key=lambda m: m.name))
+        return (f"no node with the {d.engine} engine has every label of {', '.join(d.labels)} "
+                f"(labels: {have}); start a node with --label, or relaunch without them")
+
+    def min_ram(metas: list[NodeMeta]) -> str:
+        return (f"it asks for nodes with at least {d.min_ram_mb} MB of RAM, and the nodes "
+                f"it may use have at most {max(m.ram_mb for m in metas)} MB")
+
+    def size(metas: list[NodeMeta]) -> str:
+        return (f"no node can hold this model: it needs {need} MB of RAM and the nodes with "
+                f"the {d.engine} engine have at most {max(m.ram_mb for m in metas)} MB")
+
+    def room(_: list[NodeMeta]) -> str:
+        left = ", ".join(f"{n} {max(mb, 0)} MB" for n, mb in sorted(room_left.items()))
+        return (f"no node has {need} MB of RAM free for it: the deployments placed before it "
+                f"(oldest first) leave {left}; stop one, or add a node")
+
+    room_left: dict[str, int] = {}
+
+    def fits(node_id: str, m: NodeMeta) -> bool:
+        if not need or not m.ram_mb or free.get(node_id, m.ram_mb) >= need:
+            return True
+        room_left[m.name] = free.get(node_id, m.ram_mb)
+        return False
+
+    return [
+        (lambda _, m: not d.nodes or m.name in d.nodes, pinned),
+        (lambda _, m: (d.name, "failed") not in m.replicas, failed),
+        (lambda _, m: d.engine in m.engines, engine),
+        (lambda _, m: all(label in m.labels for label in d.labels), labels),
+        (lambda _, m: m.ram_mb >= d.min_ram_mb, min_ram),
+        (lambda _, m: not need or not m.ram_mb or m.ram_mb >= need, size),
+        (fits, room),
+    ]
+
+
+def _apply(d: Deployment, members: Mapping[str, NodeMeta], free: Mapping[str, int]
+           ) -> tuple[dict[str, NodeMeta], str]:
+    """The members that can hold `d` given `free` (node id -> MB left), and why none can."""
+    left = dict(members)
+    for keeps, why in _rules(d, free):
+        kept = {n: m for n, m in left.items() if keeps(n, m)}
+        if not kept:
+            return {}, why(list(left.values())) if left else "no node is a live member"
+        left = kept
+    return left, ""
+
+
 def candidates(deployment: Deployment, members: Mapping[str, NodeMeta],
-               size_mb: int = 0) -> dict[str, float]:
-    """Node id -> rendezvous weight, for the members that can hold `deployment`."""
-    out: dict[str, float] = {}
-    for node_id, meta in members.items():
-        if deployment.engine not in meta.engines:
-            continue
-        if (deployment.name, "failed") in meta.replicas:
-            continue
-        if size_mb and meta.ram_mb and meta.ram_mb < size_mb * RAM_HEADROOM:
-            continue
-        out[node_id] = float(meta.ram_mb) if meta.ram_mb > 0 else 1.0
-    return out
+               free: Mapping[str, int] | None = None) -> dict[str, float]:
+    """Node id -> rendezvous weight, for the members that can hold `deployment` when each
+    node has `free` MB left (default: all of its RAM)."""
+    able, _ = _apply(deployment, members, free or {})
+    return {n: float(m.ram_mb) if m.ram_mb > 0 else 1.0 for n, m in able.items()}
 
 
 def holders(deployment: Deployment, members: Mapping[str, NodeMeta],
-            size_mb: int = 0) -> list[str]:
-    """The node ids that should run `deployment`'s replicas, best first ([] if deleted)."""
+            free: Mapping[str, int] | None = None) -> list[str]:
+    """The node ids that should run `deployment`'s replicas, best first ([] if deleted),
+    placed alone (place() places a whole table)."""
     if deployment.deleted:
         return []
-    return rendezvous_top(deployment.name, candidates(deployment, members, size_mb),
+    return rendezvous_top(deployment.name, candidates(deployment, members, free),
                           deployment.replicas)
+
+
+def unplaced_reason(deployment: Deployment, members: Mapping[str, NodeMeta],
+                    free: Mapping[str, int] | None = None) -> str:
+    """Why no node can hold `deployment` ("" when some node can)."""
+    return _apply(deployment, members, free or {})[1]
+
+
+def place(deployments: Iterable[Deployment], members: Mapping[str, NodeMeta]
+          ) -> dict[str, Placed]:
+    """Every live deployment's holders, placed oldest first, each taking its replicas'
+    memory from its holders' budgets (see the module docstring)."""
+    free = {n: m.ram_mb for n, m in members.items() if m.ram_mb}
+    out: dict[str, Placed] = {}
+    for d in sorted((d for d in deployments if not d.deleted),
+                    key=lambda d: (d.created, d.name)):
+        able, reason = _apply(d, members, free)
+        weights = {n: float(m.ram_mb) if m.ram_mb > 0 else 1.0 for n, m in able.items()}
+        chosen = rendezvous_top(d.name, weights, d.replicas)
+        for n in chosen:
+            if n in free:
+                free[n] -= need_mb(d)
+        out[d.name] = Placed(chosen, len(able), reason)
+    return out
 
 
 def can_unload(name: str, chosen: list[str], members: Mapping[str, NodeMeta]) -> bool:
@@ -71,21 +189,3 @@ def can_unload(name: str, chosen: list[str], members: Mapping[str, NodeMeta]) ->
         if meta is None or (name, "ready") not in meta.replicas:
             return False
     return True
-
-
-def unplaced_reason(deployment: Deployment, members: Mapping[str, NodeMeta],
-                    size_mb: int = 0) -> str:
-    """Why no node can hold `deployment` ("" when some node can)."""
-    if candidates(deployment, members, size_mb):
-        return ""
-    failed = [m.name for m in members.values() if (deployment.name, "failed") in m.replicas]
-    if failed:
-        return (f"it failed to load on {', '.join(sorted(failed))} and no other node can hold "
-                f"it: see each node's reason in `meshnode ps`, fix it, then relaunch")
-    with_engine = [m for m in members.values() if deployment.engine in m.engines]
-    if not with_engine:
-        return (f"no node can hold this model: none of the {len(members)} reachable node(s) "
-                f"has the {deployment.engine} engine")
-    need = int(size_mb * RAM_HEADROOM)
-    return (f"no node can hold this model: it needs {need} MB of RAM and the nodes with the "
-            f"{deployment.engine} engine have at most {max(m.ram_mb for m in with_engine)} MB")

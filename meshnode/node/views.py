@@ -29,16 +29,20 @@ class DeploymentView(msgspec.Struct, frozen=True, kw_only=True):
     """ready (all replicas ready), partial, loading, failed, or unplaced."""
     message: str
     placed: list[ReplicaStatus]
-
+    nodes: tuple[str, ...] = ()
+    """Placement constraint: only these nodes (none: any)."""
+    labels: tuple[str, ...] = ()
+    """Placement constraint: only nodes with every one of these labels."""
+    min_ram_mb: int = 0
+    """Placement constraint: only nodes with at least this much RAM."""
 
 
 def deployment_status(d: Deployment, placed: list[ReplicaStatus],
-                      members: Mapping[str, NodeMeta], size_mb: int) -> tuple[str, str]:
+                      where: placement.Placed) -> tuple[str, str]:
     """(status, message): ready, partial, failed, unplaced (with why) or loading."""
     states = [p.state for p in placed]
     ready = states.count("ready")
-    reason = placement.unplaced_reason(d, members, size_mb)
-    able = len(placement.candidates(d, members, size_mb))
+    reason, able = where.reason, where.able
     if ready >= d.replicas:
         status, message = "ready", ""
     elif ready and able < d.replicas:

@@ -240,17 +240,23 @@ async def test_a_full_holder_refuses_at_the_cap_and_the_entry_moves_on(
             mesh[holder].url + "/v1/completions", json=long, headers={"X-Meshnode-Hop": "1"}))
             for _ in range(2)]
 
-        async def holds(n: int) -> None:
-            async with asyncio.timeout(10):
-                while True:  # the holder's own load, as it gossips it (refreshed each probe)
-                    async with session.get(mesh[holder].url + "/v1/cluster/nodes") as resp:
+        async def holds(n: int, seen_from: str | None = None) -> None:
+            """Until the holder holds n (its own count, refreshed each probe) and, seen from
+            node `seen_from`, the replicas' gossiped loads are n and 0: the cap it sizes from
+            them is then exact, whatever earlier tests left in its view."""
+            want = {holder: n} if seen_from is None else {holder: n, other: 0}
+            async with asyncio.timeout(20):
+                while True:
+                    async with session.get(mesh[seen_from or holder].url
+                                           + "/v1/cluster/nodes") as resp:
                         data = (await resp.json())["data"]
-                    if next(m["load"] for m in data if m["local"]) == n:
+                    if all(m["load"] == want[m["name"]] for m in data if m["name"] in want):
                         return
                     await asyncio.sleep(0.05)
 
         try:
             await holds(2)
+            await holds(2, seen_from=spare)
             status, body, _ = await post(holder, count, "1; cap=2")
             assert status == 503 and body["error"]["code"] == "replica_busy", body
             assert "cap of 2" in body["error"]["message"]
@@ -306,3 +312,53 @@ async def test_three_prefixes_settle_on_three_replicas_seen_alike_from_every_nod
         assert await mapping() == seen == await mapping(), "the assignment stays put"
     status, _, body = call(mesh["a"].url + f"/v1/deployments/{name}", "DELETE")
     assert status == 200, body
+
+
+def test_constraints_pin_a_deployment_or_say_why_it_has_no_node(
+        mesh: dict[str, NodeProcess], tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Launched from a with `nodes: [c]`: the replica runs on c alone, whatever the hash
+    says; launched with a label no node carries: unplaced, saying which rule left no node,
+    until a node started with that label joins; a bad constraint is a 400 that changes
+    nothing."""
+    status, _, body = call(mesh["a"].url + "/v1/deployments", "POST",
+                           {"model": CHAT, "name": "pinned", "replicas": 2, "nodes": ["c"]})
+    assert status == 201, body
+    assert json.loads(body)["nodes"] == ["c"]
+    for n in mesh.values():
+        wait_for(lambda n=n: ready_nodes(n, "pinned") == ["c"], 120, "pinned to c")
+    assert all_replicas(list(mesh.values()), "pinned") == [("c", "ready")]
+    view = get_json(mesh["b"].url + "/v1/deployments/pinned")
+    assert view["status"] == "partial" and "only 1 node(s) can hold it" in view["message"]
+    status, headers, _ = call(mesh["a"].url + "/v1/chat/completions", "POST",
+                              {**chat_body(), "model": "pinned"})
+    assert status == 200 and headers["X-Served-By"] == "c"
+
+    status, _, body = call(mesh["b"].url + "/v1/deployments", "POST",
+                           {"model": CHAT, "name": "on-gpu", "labels": ["gpu"]})
+    assert status == 201, body
+    for n in mesh.values():
+        view = wait_for(lambda n=n: get_json(n.url + "/v1/deployments/on-gpu"), 10, "seen")
+        assert view["status"] == "unplaced", view
+        assert "every label of gpu" in view["message"] and "--label" in view["message"]
+    before = [d["name"] for d in get_json(mesh["a"].url + "/v1/deployments")["data"]]
+    for bad in ({"labels": ["no spaces"]}, {"nodes": [""]}, {"min_ram_mb": -1}):
+        status, _, body = call(mesh["a"].url + "/v1/deployments", "POST",
+                               {"model": CHAT, "name": "bad", **bad})
+        assert status == 400, body
+        assert json.loads(body)["error"]["type"] == "invalid_request_error"
+    assert [d["name"] for d in get_json(mesh["c"].url + "/v1/deployments")["data"]] == before
+    # A node started with the label joins: the deployment goes there by itself.
+    gpu = NodeProcess(tmp_path_factory.mktemp("labelled") / "g", "--name", "g",
+                      "--mesh-preset", "local", "--label", "gpu", "--label", "zone=1",
+                      "--join", mesh["a"].gossip)
+    try:
+        for n in mesh.values():
+            wait_for(lambda n=n: ready_nodes(n, "on-gpu") == ["g"], 120, "placed on g")
+        status, headers, _ = call(mesh["b"].url + "/v1/chat/completions", "POST",
+                                  {**chat_body(), "model": "on-gpu"})
+        assert status == 200 and headers["X-Served-By"] == "g"
+    finally:
+        gpu.stop(signal.SIGKILL)
+    for name in ("pinned", "on-gpu"):
+        assert call(mesh["c"].url + f"/v1/deployments/{name}", "DELETE")[0] == 200
+    wait_for(lambda: all_replicas(list(mesh.values()), "pinned") == [], 30, "unloaded")

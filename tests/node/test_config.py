@@ -34,12 +34,23 @@ def test_models_from_env_are_comma_separated() -> None:
     assert load_config({}, env={"MESHNODE_MODELS": "a, b"}).models == ("a", "b")
 
 
+def test_labels_from_flags_env_or_file(tmp_path: Path) -> None:
+    assert load_config({}, env={"MESHNODE_LABELS": "gpu, zone=a"}).labels == ("gpu", "zone=a")
+    assert load_config({"labels": ("x",)}, env={"MESHNODE_LABELS": "gpu"}).labels == ("x",)
+    f = tmp_path / "c.toml"
+    f.write_text('labels = ["gpu"]\n')
+    assert load_config({}, env={}, config_file=str(f)).labels == ("gpu",)
+
+
 @pytest.mark.parametrize(("flags", "env", "text", "message"), [
     ({"http_port": 70000}, {}, None, "http_port"),
     ({}, {"MESHNODE_HTTP_PORT": "eighty"}, None, "http_port"),
     ({}, {}, "nonsense = 1\n", "nonsense"),
     ({}, {}, "http_port = [\n", "not valid TOML"),
     ({"log_format": "xml"}, {}, None, "log_format"),
+    ({"labels": ("has space",)}, {}, None, "labels"),
+    ({}, {"MESHNODE_LABELS": "-dash-first"}, None, "labels"),
+    ({"labels": tuple(f"l{i}" for i in range(17))}, {}, None, "labels"),
 ])
 def test_bad_settings_are_clear_errors(tmp_path: Path, flags: dict, env: dict,
                                        text: str | None, message: str) -> None:

@@ -4,27 +4,103 @@ from __future__ import annotations
 
 from meshnode.node.cluster import NodeMeta
 from meshnode.node.deployments import Deployment
-from meshnode.node.placement import can_unload, candidates, holders, unplaced_reason
+import random
+
+import msgspec
+
+from meshnode.node.placement import (
+    can_unload,
+    candidates,
+    holders,
+    need_mb,
+    place,
+    unplaced_reason,
+)
 
 
-def dep(name: str = "m", replicas: int = 1, engine: str = "llama.cpp") -> Deployment:
-    return Deployment.new(name=name, model="smollm2-135m-instruct", engine=engine,
-                          replicas=replicas, chat_template=None, context_length=2048,
-                          origin="a")
+def dep(name: str = "m", replicas: int = 1, engine: str = "llama.cpp", *,
+        model: str = "smollm2-135m-instruct", size_mb: int = 0, **rules: object
+        ) -> Deployment:
+    return Deployment.new(name=name, model=model, engine=engine, replicas=replicas,
+                          chat_template=None, context_length=2048, origin="a",
+                          size_mb=size_mb, **rules)  # type: ignore[arg-type]
 
 
 def meta(name: str, engines: tuple[str, ...] = ("llama.cpp",), ram_mb: int = 8000,
-         replicas: tuple[tuple[str, str], ...] = ()) -> NodeMeta:
+         replicas: tuple[tuple[str, str], ...] = (), labels: tuple[str, ...] = ()
+         ) -> NodeMeta:
     return NodeMeta(name=name, http_host="127.0.0.1", http_port=1, ram_mb=ram_mb,
-                    engines=engines, replicas=replicas)
+                    engines=engines, replicas=replicas, labels=labels)
 
 
 def test_candidates_need_the_engine_and_the_ram() -> None:
     members = {"a": meta("a"), "b": meta("b", engines=("vllm",)), "c": meta("c", ram_mb=100),
                "d": meta("d", ram_mb=0)}
-    assert set(candidates(dep(), members, size_mb=98)) == {"a", "d"}  # d: RAM unknown
-    assert candidates(dep(), members, size_mb=98)["d"] == 1.0
-    assert set(candidates(dep(), members)) == {"a", "c", "d"}  # size unknown: no RAM check
+    assert need_mb(dep()) == int(98 * 1.2)  # the catalogue's size when none was recorded
+    assert set(candidates(dep(), members)) == {"a", "d"}  # d: RAM unknown
+    assert candidates(dep(), members)["d"] == 1.0
+    by_path = dep(model="/models/x.gguf")  # size unknown: no RAM check
+    assert set(candidates(by_path, members)) == {"a", "c", "d"}
+    assert set(candidates(dep(model="/models/x.gguf", size_mb=98), members)) == {"a", "d"}
+
+
+def test_pins_labels_and_minimum_ram_narrow_the_candidates() -> None:
+    members = {"a": meta("a", labels=("gpu", "zone=1")), "b": meta("b", labels=("gpu",)),
+               "c": meta("c", ram_mb=64000), "d": meta("d", ram_mb=0)}
+    assert set(candidates(dep(nodes=("b", "c", "zz")), members)) == {"b", "c"}
+    assert set(candidates(dep(labels=("gpu",)), members)) == {"a", "b"}
+    assert set(candidates(dep(labels=("gpu", "zone=1")), members)) == {"a"}
+    assert set(candidates(dep(min_ram_mb=16000), members)) == {"c"}  # d's RAM is unknown
+    assert set(candidates(dep(nodes=("a", "c"), labels=("gpu",)), members)) == {"a"}
+    assert holders(dep(nodes=("c",), replicas=3), members) == ["c"]
+
+
+def test_each_rule_says_why_it_left_no_node() -> None:
+    members = {"a": meta("a", labels=("gpu",)), "b": meta("b", ram_mb=4000)}
+    why = unplaced_reason(dep(nodes=("x", "y")), members)
+    assert "pinned to node(s) x, y" in why and "none of them is a live member" in why
+    why = unplaced_reason(dep(labels=("gpu", "zone=1")), members)
+    assert "every label of gpu, zone=1" in why and "a: gpu; b: -" in why and "--label" in why
+    why = unplaced_reason(dep(min_ram_mb=9000), members)
+    assert "at least 9000 MB" in why and "at most 8000 MB" in why
+    why = unplaced_reason(dep(nodes=("b",), size_mb=5000), members)
+    assert "needs 6000 MB of RAM" in why and "at most 4000 MB" in why
+    assert unplaced_reason(dep(nodes=("a",), labels=("gpu",)), members) == ""
+
+
+def test_deployments_take_memory_so_they_spread_over_nodes_with_room() -> None:
+    """Placed one at a time, oldest first: each replica takes its need from its node, so
+    two 3 GB models do not both land on one 5 GB node, and a third that fits nowhere says
+    why. Every node computes the same from the same table and view, in any order."""
+    members = {n: meta(n, ram_mb=5000) for n in "abc"}
+    big = [msgspec.structs.replace(dep(f"big{i}", size_mb=3000), created=100 + i)
+           for i in range(4)]
+    where = place(big, members)
+    placed = [where[f"big{i}"].holders for i in range(3)]
+    assert sorted(h for hs in placed for h in hs) == ["a", "b", "c"]  # one node each
+    assert where["big3"].holders == [] and where["big3"].able == 0
+    why = where["big3"].reason
+    assert "no node has 3600 MB of RAM free" in why and "a 1400 MB" in why
+    # Alone, each would fit anywhere: the hash alone puts them where it likes.
+    assert all(holders(d, members) for d in big)
+    shuffled = big[:]
+    random.Random(3).shuffle(shuffled)
+    print("seed 3")
+    reordered = dict(reversed(list(members.items())))
+    assert place(shuffled, reordered) == where
+    # A small model still fits next to a big one; an unsized one takes no memory.
+    small = msgspec.structs.replace(dep("small", size_mb=1000), created=200)
+    unsized = msgspec.structs.replace(dep("unsized", model="/m/x.gguf"), created=201)
+    after = place([*big, small, unsized], members)
+    assert after["small"].holders and after["unsized"].holders
+    assert [after[f"big{i}"] for i in range(4)] == [where[f"big{i}"] for i in range(4)]
+
+
+def test_with_room_everywhere_place_is_the_hash_alone() -> None:
+    members = {n: meta(n) for n in "abcdef"}
+    ds = [dep(f"model-{i}", replicas=2) for i in range(40)]
+    assert {d.name: place(ds, members)[d.name].holders for d in ds} == \
+        {d.name: holders(d, members) for d in ds}
 
 
 def test_holders_are_the_same_whatever_the_order_of_the_view() -> None:
@@ -72,7 +148,7 @@ def test_unload_waits_for_every_new_holder_to_be_ready() -> None:
 def test_unplaced_reason_says_why() -> None:
     assert unplaced_reason(dep(), {"a": meta("a")}) == ""
     assert "llama.cpp engine" in unplaced_reason(dep(), {"a": meta("a", engines=("vllm",))})
-    assert "RAM" in unplaced_reason(dep(), {"a": meta("a", ram_mb=50)}, size_mb=98)
+    assert "RAM" in unplaced_reason(dep(), {"a": meta("a", ram_mb=50)})
 
 
 def test_a_failed_replica_hands_the_deployment_to_the_next_node() -> None:
