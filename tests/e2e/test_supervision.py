@@ -184,6 +184,16 @@ def test_cli_launch_ps_stop(own_node: NodeProcess) -> None:
     assert missing.returncode == 1 and "no deployment named 'cli-model'" in missing.stderr
     bad = run("launch", "no-such-model")
     assert bad.returncode == 1 and "unknown model" in bad.stderr
+    pinned = run("launch", CHAT, "--name", "cli-pinned", "--node", "nowhere", "--label",
+                 "gpu", "--min-ram-mb", "1")
+    assert pinned.returncode == 1, pinned.stdout
+    assert "cli-pinned is launched but no node can hold it" in pinned.stderr
+    assert "pinned to node(s) nowhere" in pinned.stderr and "meshnode stop" in pinned.stderr
+    row = next(r for r in run("ps").stdout.splitlines() if r.split()[0] == "cli-pinned")
+    assert "unplaced" in row and "node=nowhere label=gpu ram>=1MB" in row, row
+    assert run("stop", "cli-pinned").returncode == 0
+    label = run("launch", CHAT, "--label", "has space")
+    assert label.returncode == 1 and "labels" in label.stderr
     down = subprocess.run([sys.executable, "-m", "meshnode", "ps", "--endpoint",
                            "http://127.0.0.1:9"], capture_output=True, text=True)
     assert down.returncode == 1 and "cannot reach a node" in down.stderr
