@@ -171,9 +171,9 @@ def _members(args: argparse.Namespace) -> int:
     data = AdminClient(args.endpoint).request("GET", "/v1/cluster/nodes")["data"]
     rows = [[m["name"] + (" *" if m["local"] else ""), m["node_id"][:12], m["address"],
              m["state"], m["incarnation"], ", ".join(m["models"]) or "-", m["load"],
-             f"{m['since_s']:.0f}s ago"] for m in data]
-    print(table(["NAME", "NODE ID", "ADDRESS", "STATE", "INC", "MODELS", "LOAD", "SINCE"],
-                rows))
+             ", ".join(m.get("labels", ())) or "-", f"{m['since_s']:.0f}s ago"] for m in data]
+    print(table(["NAME", "NODE ID", "ADDRESS", "STATE", "INC", "MODELS", "LOAD", "LABELS",
+                 "SINCE"], rows))
     return 0
 
 

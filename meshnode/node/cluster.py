@@ -92,6 +92,8 @@ class MemberView(msgspec.Struct, frozen=True, kw_only=True):
     since_s: float
     """Seconds since the member's state last changed, as this node saw it."""
     local: bool
+    labels: tuple[str, ...] = ()
+    """The member's labels (`meshnode start --label`)."""
 
 
 _meta_decoder = msgspec.msgpack.Decoder(NodeMeta)
@@ -277,7 +279,8 @@ class Cluster:
                 else [],
                 load=load.in_flight if isinstance(load, NodeLoad) else 0,
                 since_s=round(max(0.0, now - m.state_change), 1),
-                local=m.node_id == self.node_id))
+                local=m.node_id == self.node_id,
+                labels=meta.labels if isinstance(meta, NodeMeta) else ()))
         return views
 
     def member(self, node_id: str) -> Member | None:
