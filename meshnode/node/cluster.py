@@ -54,6 +54,9 @@ class NodeMeta(msgspec.Struct, frozen=True, array_like=True):
     each local replica served lately (prefixes.PrefixLedger): what routing assigns by."""
     labels: tuple[str, ...] = ()
     """This node's labels (`meshnode start --label`), which deployments may require."""
+    replica_extra_mb: int = 0
+    """RAM (MB) each llama.cpp replica takes here beyond its model: the prompt cache
+    (`prompt_cache_mb`). Placement budgets it."""
 
 
 class NodeLoad(msgspec.Struct, frozen=True, array_like=True):

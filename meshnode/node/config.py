@@ -21,6 +21,8 @@ from .errors import ConfigError
 __all__ = ["NodeConfig", "load_config", "default_data_dir"]
 
 Port = Annotated[int, Meta(ge=0, le=65535)]
+LABELS_MAX_BYTES = 256
+"""Bytes all of a node's labels may take (each + 1) of its 1 KB gossiped metadata."""
 Label = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._=:-]{0,63}$")]
 """A node label: `gpu`, `zone=a`: a letter or digit, then up to 63 of those or . _ = : -"""
 ENV_PREFIX = "MESHNODE_"
@@ -44,7 +46,7 @@ class NodeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     """Models (catalogue names or GGUF paths) to launch when the node starts."""
     labels: Annotated[tuple[Label, ...], Meta(max_length=16)] = ()
     """Labels of this node (`gpu`, `zone=a`), gossiped: a deployment launched with
-    `--label L` runs only on nodes that carry L. At most 16."""
+    `--label L` runs only on nodes that carry L. At most 16, in LABELS_MAX_BYTES."""
     log_format: Literal["console", "json"] = "console"
     """console for people, json (one object a line) for log collectors."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -116,7 +118,12 @@ class NodeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     SmolLM2-135M takes ~22 KiB a token, so 256 MiB keeps ~11,000 tokens of prefixes."""
 
     def resolved(self) -> "NodeConfig":
-        """Fill the defaults that depend on the machine (name, data_dir)."""
+        """Fill the defaults that depend on the machine (name, data_dir). ConfigError when
+        the labels would crowd the 1 KB of gossiped node metadata."""
+        if sum(len(label) + 1 for label in self.labels) > LABELS_MAX_BYTES:
+            raise ConfigError(f"labels {', '.join(self.labels)} take more than "
+                              f"{LABELS_MAX_BYTES} bytes of the gossiped node metadata: use "
+                              "fewer or shorter ones")
         return msgspec.structs.replace(
             self,
             name=self.name or socket.gethostname(),

@@ -194,7 +194,7 @@ class Node:
         return self.prefixes.meta(NodeMeta(
             name=self.name, http_host=self.config.host, http_port=self.http_port,
             ram_mb=hw.ram_mb if hw else 0, gpus=len(hw.gpus) if hw else 0,
-            labels=self.config.labels,
+            labels=self.config.labels, replica_extra_mb=self.config.prompt_cache_mb,
             engines=tuple(o.engine for o in self.engines if o.available),
             replicas=tuple((name, r.state) for name, r in sorted(self.replicas.items())),
             version=__version__, deployments_digest=self.deployments.digest(),

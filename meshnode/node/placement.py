@@ -3,15 +3,16 @@
 Every node runs the same computation on the same gossiped view and deployment table, so
 they agree with no coordinator:
 
-    need(d)       = d's model size x RAM_HEADROOM (MB; 0 when the size is unknown)
-    free(n)       = n's RAM, less need(e) for each deployment e placed on n before d
+    need(d, n)    = d's model size x RAM_HEADROOM (MB; 0 when the size is unknown), plus
+                    n's prompt cache per replica when d runs on llama.cpp
+    free(n)       = n's RAM, less need(e, n) for each deployment e placed on n before d
     candidates(d) = {node: weight} for members that
                     - are among d.nodes (when d is pinned to node names),
                     - gossip no failed replica of d,
                     - have d.engine,
                     - carry every label in d.labels,
                     - have at least d.min_ram_mb of RAM,
-                    - have free(n) >= need(d) (when both are known)
+                    - have free(n) >= need(d, n) (when n's RAM is known)
     weight        = ram_mb (1.0 when unknown): bigger nodes win proportionally more deployments
     holders(d)    = rendezvous_top(d.name, candidates(d), d.replicas)
 
@@ -63,16 +64,19 @@ class Placed(NamedTuple):
     """Why no node can hold it ("" when some can)."""
 
 
-def need_mb(d: Deployment) -> int:
-    """MB of RAM a replica of `d` takes from its node's budget (0: size unknown). A
-    deployment written before it recorded its size counts its catalogue size."""
-    return int((d.size_mb or size_mb(d.model)) * RAM_HEADROOM)
+def need_mb(d: Deployment, node: NodeMeta | None = None) -> int:
+    """MB of RAM a replica of `d` takes from `node`'s budget: the model (0: size unknown;
+    a deployment written before it recorded its size counts its catalogue size) with
+    headroom, plus the node's prompt cache when the engine keeps one (llama.cpp)."""
+    extra = node.replica_extra_mb if node is not None and d.engine == "llama.cpp" else 0
+    return int((d.size_mb or size_mb(d.model)) * RAM_HEADROOM) + extra
 
 
 def _rules(d: Deployment, free: Mapping[str, int]
            ) -> list[tuple[Callable[[str, NodeMeta], bool], Callable[[list[NodeMeta]], str]]]:
     """(keeps node, why none was kept) for each placement rule, in the order applied."""
     need = need_mb(d)
+    plus = ", plus each node's llama.cpp prompt cache" if d.engine == "llama.cpp" else ""
 
     def pinned(_: list[NodeMeta]) -> str:
         return (f"it is pinned to node(s) {', '.join(d.nodes)}, and none of them is a live "
@@ -98,18 +102,18 @@ def _rules(d: Deployment, free: Mapping[str, int]
                 f"it may use have at most {max(m.ram_mb for m in metas)} MB")
 
     def size(metas: list[NodeMeta]) -> str:
-        return (f"no node can hold this model: it needs {need} MB of RAM and the nodes with "
-                f"the {d.engine} engine have at most {max(m.ram_mb for m in metas)} MB")
+        return (f"no node can hold this model: it needs {need} MB of RAM{plus}, and the nodes "
+                f"with the {d.engine} engine have at most {max(m.ram_mb for m in metas)} MB")
 
     def room(_: list[NodeMeta]) -> str:
         left = ", ".join(f"{n} {max(mb, 0)} MB" for n, mb in sorted(room_left.items()))
-        return (f"no node has {need} MB of RAM free for it: the deployments placed before it "
-                f"(oldest first) leave {left}; stop one, or add a node")
+        return (f"no node has room for it ({need} MB of RAM{plus}): the deployments "
+                f"placed before it (oldest first) leave {left}; stop one, or add a node")
 
     room_left: dict[str, int] = {}
 
     def fits(node_id: str, m: NodeMeta) -> bool:
-        if not need or not m.ram_mb or free.get(node_id, m.ram_mb) >= need:
+        if not m.ram_mb or free.get(node_id, m.ram_mb) >= need_mb(d, m):
             return True
         room_left[m.name] = free.get(node_id, m.ram_mb)
         return False
@@ -120,7 +124,7 @@ def _rules(d: Deployment, free: Mapping[str, int]
         (lambda _, m: d.engine in m.engines, engine),
         (lambda _, m: all(label in m.labels for label in d.labels), labels),
         (lambda _, m: m.ram_mb >= d.min_ram_mb, min_ram),
-        (lambda _, m: not need or not m.ram_mb or m.ram_mb >= need, size),
+        (lambda _, m: not m.ram_mb or m.ram_mb >= need_mb(d, m), size),
         (fits, room),
     ]
 
@@ -174,7 +178,7 @@ def place(deployments: Iterable[Deployment], members: Mapping[str, NodeMeta]
         chosen = rendezvous_top(d.name, weights, d.replicas)
         for n in chosen:
             if n in free:
-                free[n] -= need_mb(d)
+                free[n] -= need_mb(d, members[n])
         out[d.name] = Placed(chosen, len(able), reason)
     return out
 

@@ -51,6 +51,7 @@ def test_labels_from_flags_env_or_file(tmp_path: Path) -> None:
     ({"labels": ("has space",)}, {}, None, "labels"),
     ({}, {"MESHNODE_LABELS": "-dash-first"}, None, "labels"),
     ({"labels": tuple(f"l{i}" for i in range(17))}, {}, None, "labels"),
+    ({"labels": tuple(f"{i}" * 60 for i in range(5))}, {}, None, "bytes of the gossiped"),
 ])
 def test_bad_settings_are_clear_errors(tmp_path: Path, flags: dict, env: dict,
                                        text: str | None, message: str) -> None:

@@ -27,10 +27,11 @@ def dep(name: str = "m", replicas: int = 1, engine: str = "llama.cpp", *,
 
 
 def meta(name: str, engines: tuple[str, ...] = ("llama.cpp",), ram_mb: int = 8000,
-         replicas: tuple[tuple[str, str], ...] = (), labels: tuple[str, ...] = ()
-         ) -> NodeMeta:
+         replicas: tuple[tuple[str, str], ...] = (), labels: tuple[str, ...] = (),
+         extra_mb: int = 0) -> NodeMeta:
     return NodeMeta(name=name, http_host="127.0.0.1", http_port=1, ram_mb=ram_mb,
-                    engines=engines, replicas=replicas, labels=labels)
+                    engines=engines, replicas=replicas, labels=labels,
+                    replica_extra_mb=extra_mb)
 
 
 def test_candidates_need_the_engine_and_the_ram() -> None:
@@ -80,7 +81,8 @@ def test_deployments_take_memory_so_they_spread_over_nodes_with_room() -> None:
     assert sorted(h for hs in placed for h in hs) == ["a", "b", "c"]  # one node each
     assert where["big3"].holders == [] and where["big3"].able == 0
     why = where["big3"].reason
-    assert "no node has 3600 MB of RAM free" in why and "a 1400 MB" in why
+    assert "no node has room for it (3600 MB of RAM, plus each node's llama.cpp prompt cache)" \
+        in why and "a 1400 MB" in why
     # Alone, each would fit anywhere: the hash alone puts them where it likes.
     assert all(holders(d, members) for d in big)
     shuffled = big[:]
@@ -94,6 +96,23 @@ def test_deployments_take_memory_so_they_spread_over_nodes_with_room() -> None:
     after = place([*big, small, unsized], members)
     assert after["small"].holders and after["unsized"].holders
     assert [after[f"big{i}"] for i in range(4)] == [where[f"big{i}"] for i in range(4)]
+
+
+def test_a_node_s_prompt_cache_counts_for_llama_cpp_replicas() -> None:
+    """Each llama.cpp replica also keeps a prompt cache of the node's prompt_cache_mb: two
+    2 GB models fit a 6 GB node without it (2 x 2400 MB) but not with 1 GB caches."""
+    ds = [msgspec.structs.replace(dep(f"m{i}", size_mb=2000, nodes=("a",)), created=i)
+          for i in range(2)]
+    assert [len(p.holders) for p in place(ds, {"a": meta("a", ram_mb=6000)}).values()] == \
+        [1, 1]
+    cached = place(ds, {"a": meta("a", ram_mb=6000, extra_mb=1024)})
+    assert [len(p.holders) for p in cached.values()] == [1, 0]
+    assert "a 2576 MB" in cached["m1"].reason  # 6000 - (2400 + 1024)
+    other = msgspec.structs.replace(ds[1], engine="transformers")  # keeps no such cache
+    both = place([ds[0], other], {"a": meta("a", ("llama.cpp", "transformers"), 6000,
+                                            extra_mb=1024)})
+    assert [len(p.holders) for p in both.values()] == [1, 1]
+    assert need_mb(ds[0], meta("a", extra_mb=1024)) == 3424
 
 
 def test_with_room_everywhere_place_is_the_hash_alone() -> None:
