@@ -243,7 +243,7 @@ class _Conn(asyncio.Protocol):
         connection, so the request leaves before this returns and the answer is spliced in
         by that connection's callbacks. False (nothing done) for every other case."""
         try:
-            targets, cap = self.front.node.route(name, key, path in PREFIX_PATHS)
+            targets, cap, owner = self.front.node.route(name, key, path in PREFIX_PATHS)
         except (EngineError, NodeError):
             return False  # the task path answers the error
         first, peers = targets[0], self.front.peers
@@ -252,7 +252,8 @@ class _Conn(asyncio.Protocol):
         sink = _Sink(self, close or self.front.closing)
         handle = splice_now(
             peers, "POST", first.url, path, body,
-            forward_headers(call, cap if len(targets) > 1 else None), self.transport,
+            forward_headers(call, cap if len(targets) > 1 else None, first.node_id != owner),
+            self.transport,
             sink.extra_head, len(targets) > 1, tls_check(call.node, first), self.set_source)
         if handle is None:
             return False

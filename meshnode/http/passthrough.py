@@ -9,7 +9,8 @@ prefix's assignment; the replica that serves one records its prefix for gossip).
 sent the raw body on the same path with `X-Meshnode-Hop: 1; cap=N` (the router's load cap:
 the peer refuses with 503 `replica_busy` when its replica already holds N requests, since
 only it knows its count exactly), or `X-Meshnode-Hop: 1` on the last try, which the peer
-must serve. A request that carries the hop header (or came in on the internal listener) is
+must serve; `; spill` is added when the peer is not the request's owner (it claims no
+prefix). A request that carries the hop header (or came in on the internal listener) is
 served here or refused, never forwarded again, so a stale view cannot bounce a request
 around the mesh. Before the first byte of an answer, a connection failure
 or a 503 from a peer moves on to the next target (at most one try per ready replica); after
@@ -37,7 +38,7 @@ from .splice import Spliced, splice
 from .upstream import Upstream, UpstreamError, UpstreamResponse
 
 __all__ = ["HOP_HEADER", "PREFIX_PATHS", "Call", "Sink", "dispatch", "effective_hop",
-           "forward_headers", "hop_cap",
+           "forward_headers", "hop_params",
            "tls_check", "upstream_lost_event"]
 
 log = structlog.get_logger("meshnode.http")
@@ -117,16 +118,26 @@ def effective_hop(mode: str, hop: str | None) -> str | None:
     return (hop or None) if mode == "open" else None
 
 
-def hop_cap(hop: str) -> int | None:
-    """The load cap a hop header value carries: "1; cap=N" (N >= 1) -> N; "1" or "" (the
-    last try: serve whatever the load) -> None. InvalidRequest for anything else."""
-    if hop in ("1", ""):
-        return None
-    head, sep, n = hop.partition("; cap=")
-    if head == "1" and sep and n.isascii() and n.isdigit() and len(n) <= 9 and int(n) > 0:
-        return int(n)
-    raise InvalidRequest(f"header {HOP_HEADER}: {hop[:40]!r} is neither '1' nor "
-                         "'1; cap=N' with N >= 1 (it is sent by meshnode nodes to each other)")
+def hop_params(hop: str) -> tuple[int | None, bool]:
+    """(cap, spill) of a hop header value: "1", then optionally "; cap=N" (N >= 1: refuse
+    at N in flight; none: the last try, serve whatever the load), then optionally "; spill"
+    (sent to another replica than the owner: claim no prefix). "" (the internal listener,
+    no header) is plain "1". InvalidRequest for anything else."""
+    parts = hop.split("; ") if hop else ["1"]
+    cap: int | None = None
+    spill = parts[-1] == "spill" and len(parts) > 1
+    if spill:
+        parts.pop()
+    if len(parts) == 2 and parts[1].startswith("cap="):
+        n = parts.pop()[4:]
+        if n.isascii() and n.isdigit() and len(n) <= 9 and int(n) > 0:
+            cap = int(n)
+        else:
+            parts.append("bad")
+    if parts != ["1"]:
+        raise InvalidRequest(f"header {HOP_HEADER}: {hop[:40]!r} is not '1' [; cap=N] "
+                             "[; spill] with N >= 1 (meshnode nodes send it to each other)")
+    return cap, spill
 
 
 async def dispatch(call: Call, name: str, path: str, body: bytes, key: bytes,
@@ -137,20 +148,23 @@ async def dispatch(call: Call, name: str, path: str, body: bytes, key: bytes,
     node = call.node
     prefix = path in PREFIX_PATHS
     if call.hop is not None:
-        replica = node.serve(name, key, prefix, hop_cap(call.hop))
+        replica = node.serve(name, key, prefix, *hop_params(call.hop))
         return await relay(call, replica, path, body, sink)
-    targets, cap = node.route(name, key, prefix)
+    targets, cap, owner = node.route(name, key, prefix)
     targets = [t for t in targets if t.node_id != exclude]
     last: ModelUnavailable | None = None
     for i, target in enumerate(targets):
         final = i == len(targets) - 1
+        spill = target.node_id != owner
         if target.local:
             replica = node.replicas.get(name)
             if not final and (replica is None or replica.state != "ready"
                               or replica.in_flight >= cap):
                 continue  # gone since the route was computed, or full: try the next one
-            return await relay(call, node.serve(name, key, prefix), path, body, sink)
-        if await _forward(call, name, target, path, body, None if final else cap, sink):
+            return await relay(call, node.serve(name, key, prefix, None, spill), path, body,
+                               sink)
+        if await _forward(call, name, target, path, body, None if final else cap, spill,
+                          sink):
             return None
         last = ModelUnavailable(f"model {name!r}: no replica answered; retry shortly")
     raise last or ModelUnavailable(f"model {name!r} has no ready replica; retry shortly")
@@ -212,10 +226,11 @@ def _peer_tls_ok(node: Node, ssl_object: object, target: Target) -> bool:
     return True
 
 
-def forward_headers(call: Call, cap: int | None) -> dict[str, str]:
+def forward_headers(call: Call, cap: int | None, spill: bool = False) -> dict[str, str]:
     """The headers a request is forwarded to a peer with; `cap`: the load cap the peer
-    refuses at (None on the last try, which the peer serves whatever its load)."""
-    hop = "1" if cap is None else f"1; cap={cap}"
+    refuses at (None on the last try, which the peer serves whatever its load); `spill`:
+    the peer is not the request's owner, so it claims no prefix (hop_params)."""
+    hop = ("1" if cap is None else f"1; cap={cap}") + ("; spill" if spill else "")
     headers = {HOP_HEADER: hop, "X-Request-Id": call.rid, "Content-Type": "application/json"}
     if call.authorization is not None:
         headers["Authorization"] = call.authorization
@@ -237,11 +252,11 @@ def upstream_lost_event(target: Target) -> bytes:
 
 
 async def _forward(call: Call, name: str, target: Target, path: str, body: bytes,
-                   cap: int | None, sink: Sink) -> bool:
+                   cap: int | None, spill: bool, sink: Sink) -> bool:
     """Pass the peer's answer on (True), or False to try the next target: it failed before
     its first byte (unreachable, or 503 when others remain, i.e. `cap` is set)."""
     final = cap is None
-    headers = forward_headers(call, cap)
+    headers = forward_headers(call, cap, spill)
     assert call.peers is not None, "a Call that may forward needs the peers' pool"
     router = call.node.router
     router.sent(name, target.node_id)

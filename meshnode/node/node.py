@@ -432,11 +432,12 @@ class Node:
         self._abilities[name] = (d.version, abilities)
         return abilities
 
-    def route(self, name: str, key: bytes, prefix: bool = True) -> tuple[list[Target], int]:
+    def route(self, name: str, key: bytes, prefix: bool = True
+              ) -> tuple[list[Target], int, str]:
         """The nodes to try for a request to deployment `name` with routing `key`, in order,
-        and the load cap each try but the last carries (Router.plan); `prefix`: a
-        generative request, routed by its prefix's assignment. ModelNotFound for an unknown
-        deployment; ModelUnavailable (or ModelFailed) when no member has a ready replica."""
+        the load cap each try but the last carries, and the owner's node id (Router.plan);
+        `prefix`: a generative request, routed by its prefix's assignment. ModelNotFound for
+        an unknown deployment; ModelUnavailable (or ModelFailed) when none is ready."""
         self._get(name)
         holders, local = self._holders(name)
         if not holders:
@@ -446,9 +447,9 @@ class Node:
             why = view.message or "its replica is still loading"
             raise ModelUnavailable(f"model {name!r} has no ready replica: {why}; retry shortly")
         ledgers = {n: h[2] for n, h in holders.items()} if prefix else None
-        order, cap = self.router.plan(name, key, {n: h[1] for n, h in holders.items()},
-                                      ledgers, self.node_id if self.node_id in holders else None)
-        return [holders[n][0] for n in order], cap
+        plan = self.router.plan(name, key, {n: h[1] for n, h in holders.items()}, ledgers,
+                                self.node_id if self.node_id in holders else None)
+        return [holders[n][0] for n in plan.order], plan.cap, plan.owner
 
     def _holders(self, name: str) -> tuple[dict[str, tuple[Target, int, bytes]], Replica | None]:
         """Ready holders of `name` (node id -> Target, load, packed prefixes); our replica."""
@@ -460,17 +461,18 @@ class Node:
                                      local.in_flight, ours)
         return holders, local
 
-    def serve(self, name: str, key: bytes, prefix: bool, cap: int | None = None) -> Replica:
+    def serve(self, name: str, key: bytes, prefix: bool, cap: int | None = None,
+              spill: bool = False) -> Replica:
         """Our replica of `name`, taking a request with routing `key` now (the caller counts
         it in flight before it next awaits). `cap`: the forwarder's load cap; ReplicaBusy
         when the replica already holds that many. `prefix`: a generative request, whose
-        prefix the replica records when Router.claims says so."""
+        prefix the replica records when Router.claims says so, unless it is a `spill`."""
         replica = self.replica(name)
         if cap is not None and replica.in_flight >= cap:
             raise ReplicaBusy(f"the replica of {name!r} on node {self.name!r} holds "
                               f"{replica.in_flight} requests, the forwarder's cap of {cap}; "
                               "it tries another replica")
-        if prefix:
+        if prefix and not spill:
             ledgers = {n: h[2] for n, h in self._holders(name)[0].items()}
             if self.router.claims(name, key, self.node_id, ledgers):
                 self.prefixes.record(name, key)

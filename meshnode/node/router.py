@@ -40,6 +40,9 @@ bound is checked where the count is exact:
 - every try but the last carries `cap`, and the target answers 503 `replica_busy` before any
   byte when its replica already holds `cap` requests; the forwarder then tries the next one.
   The last try carries none, so a request is always served.
+- a try sent to another replica than the owner is marked a spill (`; spill`): it warms that
+  replica's cache but claims nothing, even where the owner's ledger has not arrived yet
+  (within a second of a new prefix), so a spill never takes a prefix from its owner.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 from collections.abc import Iterator, Mapping
+from typing import NamedTuple
 
 import msgspec
 
@@ -61,7 +65,7 @@ from meshnode.mesh.hashing import DEFAULT_LOAD_FACTOR, Ring
 from .prefixes import EMPTY as _EMPTY
 from .prefixes import Assignment, assign, pid_bytes, prefix_id, unpack
 
-__all__ = ["PREFIX_BYTES", "Router", "request_key"]
+__all__ = ["PREFIX_BYTES", "Plan", "Router", "request_key"]
 
 PREFIX_BYTES = 256
 """Bytes of a completion prompt (or embedding input) that form its routing key."""
@@ -108,6 +112,17 @@ def request_key(req: ChatCompletionRequest | CompletionRequest | EmbeddingReques
     raise TypeError(f"no routing key for {type(req).__name__}")
 
 
+class Plan(NamedTuple):
+    """Where to try a request: Router.plan."""
+
+    order: list[str]
+    """Node ids in the order to try."""
+    cap: int
+    """The load cap every try but the last carries."""
+    owner: str
+    """The node the request belongs on (its prefix's owner, or the key's ring owner)."""
+
+
 class Router:
     """Chooses among ready replicas; counts the requests this node has forwarded."""
 
@@ -133,8 +148,7 @@ class Router:
         return ring
 
     def plan(self, name: str, key: bytes, gossiped: Mapping[str, int],
-             ledgers: Mapping[str, bytes] | None = None, local: str | None = None
-             ) -> tuple[list[str], int]:
+             ledgers: Mapping[str, bytes] | None = None, local: str | None = None) -> Plan:
         """Ready node ids (the keys of `gossiped`, their replicas' gossiped in-flight counts;
         `local`: this node's id if it holds a ready replica, whose count is exact) in the
         order to try, and the bounded-load capacity each try but the last carries (the
@@ -142,10 +156,11 @@ class Router:
         With `ledgers` (node id -> its packed prefix ids for `name`; a generative request)
         the walk starts at the prefix's owner, else on the ring walk from the key. The first
         target is the first of that walk that this node knows to be under the capacity (its
-        own forwarded count, or the exact local one), then the rest of the walk.
-        ([], 0) when none."""
+        own forwarded count, or the exact local one), then the rest of the walk; `owner` is
+        the walk's first (a request sent elsewhere is a spill, which claims no prefix).
+        An empty Plan when none."""
         if not gossiped:
-            return [], 0
+            return Plan([], 0, "")
         ring = self.ring(name, frozenset(gossiped))
         forwarded = self.forwarded.get
         known: dict[str, int] = {}
@@ -163,8 +178,8 @@ class Router:
             if order is None:
                 order = assignment.order(pid, ring.order(pid_bytes(pid)))
         first = ring.choose_in(order, known, self.load_factor, self.min_capacity, total)
-        return ([first, *(n for n in order if n != first)],
-                ring.capacity(total, self.load_factor, self.min_capacity))
+        return Plan([first, *(n for n in order if n != first)],
+                    ring.capacity(total, self.load_factor, self.min_capacity), order[0])
 
     def claims(self, name: str, key: bytes, me: str, ledgers: Mapping[str, bytes]) -> bool:
         """Whether replica `me` of `name` should add the prefix of `key`, which it is serving,

@@ -216,11 +216,21 @@ async def test_a_full_holder_refuses_at_the_cap_and_the_entry_moves_on(
     """Only a replica knows its own in-flight count exactly: the entering node forwards to
     the prefix's owner with its load cap (X-Meshnode-Hop: 1; cap=N), the owner answers 503
     replica_busy before any byte when it already holds N, and the entering node tries the
-    next replica. The last try carries no cap. A refused request moves no prefix."""
+    next replica. The last try carries no cap. A refused request moves no prefix.
+
+    On a deployment of its own (two replicas pinned to two nodes) whose only prefix is this
+    test's: on a shared one the balanced assignment may move the prefix for the others'
+    sake (prefixes.py), which would hide whether the owner refused."""
+    name = "admission"
     two = ready_nodes(mesh["a"])
-    spare = next(name for name in mesh if name not in two)
+    spare = next(n for n in mesh if n not in two)
+    status, _, body = call(mesh[spare].url + "/v1/deployments", "POST",
+                           {"model": CHAT, "name": name, "replicas": 2, "nodes": two})
+    assert status == 201, body
+    for n in mesh.values():
+        wait_for(lambda n=n: ready_nodes(n, name) == two, 120, "both replicas ready")
     # SmolLM2 continues this count until max_tokens (1500 tokens: some 15 s).
-    count = {"model": CHAT, "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "max_tokens": 2,
+    count = {"model": name, "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "max_tokens": 2,
              "temperature": 0}
     async with aiohttp.ClientSession() as session:
         async def post(node: str, body: dict, hop: str | None = None
@@ -276,6 +286,8 @@ async def test_a_full_holder_refuses_at_the_cap_and_the_entry_moves_on(
         assert (await post(spare, count))[2] == holder  # the spill moved no prefix
         status, _, served = await post(holder, count, "1; cap=1")
         assert status == 200 and served == holder  # under its cap: served
+    assert call(mesh["a"].url + f"/v1/deployments/{name}", "DELETE")[0] == 200
+    wait_for(lambda: all_replicas(list(mesh.values()), name) == [], 30, "unloaded")
 
 
 async def test_three_prefixes_settle_on_three_replicas_seen_alike_from_every_node(

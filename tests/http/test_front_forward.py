@@ -19,7 +19,7 @@ from aiohttp import web
 
 from meshnode.http import forward, openai_api
 from meshnode.http.front import FrontSite
-from meshnode.http.passthrough import effective_hop, hop_cap
+from meshnode.http.passthrough import effective_hop, hop_params
 from meshnode.http.keys import NODE
 from meshnode.engines import InvalidRequest
 from meshnode.node import ModelUnavailable, NodeConfig, Router, Target
@@ -43,13 +43,15 @@ class FakeNode:
     def abilities(self, name: str) -> tuple[str, ...]:
         return ("chat", "completion")
 
-    def route(self, name: str, key: bytes, prefix: bool = True) -> tuple[list[Target], int]:
+    def route(self, name: str, key: bytes, prefix: bool = True
+              ) -> tuple[list[Target], int, str]:
         if not self.targets:
             raise ModelUnavailable(f"model {name!r} has no ready replica; retry shortly")
-        return list(self.targets), CAP
+        return list(self.targets), CAP, self.targets[0].node_id  # the first is the owner
 
-    def serve(self, name: str, key: bytes, prefix: bool, cap: int | None = None) -> Any:
-        raise ModelUnavailable(f"no replica here (cap {cap})")
+    def serve(self, name: str, key: bytes, prefix: bool, cap: int | None = None,
+              spill: bool = False) -> Any:
+        raise ModelUnavailable(f"no replica here (cap {cap}, spill {spill})")
 
 
 async def _peer(name: str, seen: dict[str, Any], *, status: int = 200,
@@ -132,8 +134,10 @@ async def test_503_then_next_replica(world: dict[str, Any]) -> None:
     async with aiohttp.ClientSession() as s:
         for _ in range(3):  # the first with fresh connections, then pooled ones
             assert await _post(s, world) == (200, {"served": "good"}, "good")
-    # Every try but the last carries the router's cap, which the peer may refuse at.
-    assert world["seen"]["busy"] == [f"1; cap={CAP}"] * 3 and world["seen"]["good"] == ["1"] * 3
+    # Every try but the last carries the router's cap, which the peer may refuse at; a try
+    # sent to another replica than the owner (the first) is a spill, which claims no prefix.
+    assert world["seen"]["busy"] == [f"1; cap={CAP}"] * 3
+    assert world["seen"]["good"] == ["1; spill"] * 3
     assert not world["node"].router.forwarded  # every in-flight count went back to 0
 
 
@@ -206,19 +210,23 @@ def test_the_hop_header_counts_only_where_it_may() -> None:
         assert effective_hop("open", hop) == (hop or None)
 
 
-def test_hop_cap_reads_the_two_forms_and_nothing_else() -> None:
-    assert hop_cap("1") is None and hop_cap("") is None
-    assert hop_cap("1; cap=3") == 3 and hop_cap("1; cap=123456789") == 123456789
+def test_hop_params_read_the_hop_forms_and_nothing_else() -> None:
+    assert hop_params("1") == (None, False) and hop_params("") == (None, False)
+    assert hop_params("1; cap=3") == (3, False)
+    assert hop_params("1; cap=123456789") == (123456789, False)
+    assert hop_params("1; spill") == (None, True) and hop_params("1; cap=2; spill") == (2, True)
     for bad in ("yes", "2", "1; cap=0", "1; cap=-1", "1; cap=x", "1; cap=", "1;cap=3",
-                "1; cap=3 ", "1; cap=1234567890", "1; cap=٣"):
+                "1; cap=3 ", "1; cap=1234567890", "1; cap=٣", "1; spill; cap=2", "spill",
+                "1; spill; spill", "1; cap=2; cap=3", "1; other"):
         with pytest.raises(InvalidRequest, match="X-Meshnode-Hop"):
-            hop_cap(bad)
+            hop_params(bad)
 
 
 @pytest.mark.parametrize(("hop", "status", "said"), [
-    ("1; cap=2", 503, "no replica here (cap 2)"),  # the node is asked, with the cap
-    ("1", 503, "no replica here (cap None)"),
-    ("1; cap=zero", 400, "is neither '1' nor '1; cap=N'"),  # the node is never asked
+    ("1; cap=2", 503, "no replica here (cap 2, spill False)"),  # asked, with the cap
+    ("1", 503, "no replica here (cap None, spill False)"),
+    ("1; spill", 503, "no replica here (cap None, spill True)"),
+    ("1; cap=zero", 400, "is not '1' [; cap=N] [; spill]"),  # the node is never asked
 ])
 async def test_a_forwarded_request_is_served_here_with_its_cap(
         world: dict[str, Any], hop: str, status: int, said: str) -> None:

@@ -108,17 +108,18 @@ def test_a_gossiped_load_sets_the_cap_but_moves_no_prefix() -> None:
     # The floor: without it the cap, ceil(1.25 * 2 / 3) = 1, would refuse a second request.
     assert Router().plan("dep", b"k", busy, {})[1] == 2
     assert Router(min_capacity=1).plan("dep", b"k", busy, {})[1] == 1
-    order, cap = Router().plan("dep", b"k", {**nodes, owner: 5}, {})
-    assert order[0] == owner and cap == 3  # max(ceil(1.25 * 6 / 3), 2)
+    order, cap, first_choice = Router().plan("dep", b"k", {**nodes, owner: 5}, {})
+    assert order[0] == owner == first_choice and cap == 3  # max(ceil(1.25 * 6 / 3), 2)
 
 
 def test_an_exact_local_count_at_the_cap_moves_the_request() -> None:
     nodes = {"n1": 0, "n2": 0, "n3": 0}
     owner = Router().plan("dep", b"k", nodes, {})[0][0]
-    order, cap = Router().plan("dep", b"k", {**nodes, owner: 1}, {}, local=owner)
+    order, cap, _ = Router().plan("dep", b"k", {**nodes, owner: 1}, {}, local=owner)
     assert order[0] == owner and cap == 2
-    order, cap = Router().plan("dep", b"k", {**nodes, owner: 2}, {}, local=owner)
-    assert order[0] != owner and order[1:].count(owner) == 1 and cap == 2
+    plan = Router().plan("dep", b"k", {**nodes, owner: 2}, {}, local=owner)
+    assert plan.order[0] != owner and plan.order[1:].count(owner) == 1 and plan.cap == 2
+    assert plan.owner == owner  # so the replica it goes to instead is told it is a spill
 
 
 def test_loads_count_per_deployment_so_another_deployment_moves_nothing() -> None:
