@@ -145,7 +145,11 @@ def candidates(deployment: Deployment, members: Mapping[str, NodeMeta],
                free: Mapping[str, int] | None = None) -> dict[str, float]:
     """Node id -> rendezvous weight, for the members that can hold `deployment` when each
     node has `free` MB left (default: all of its RAM)."""
-    able, _ = _apply(deployment, members, free or {})
+    return _weights(_apply(deployment, members, free or {})[0])
+
+
+def _weights(able: Mapping[str, NodeMeta]) -> dict[str, float]:
+    """Rendezvous weights: a node's RAM (1.0 when unknown)."""
     return {n: float(m.ram_mb) if m.ram_mb > 0 else 1.0 for n, m in able.items()}
 
 
@@ -174,8 +178,7 @@ def place(deployments: Iterable[Deployment], members: Mapping[str, NodeMeta]
     for d in sorted((d for d in deployments if not d.deleted),
                     key=lambda d: (d.created, d.name)):
         able, reason = _apply(d, members, free)
-        weights = {n: float(m.ram_mb) if m.ram_mb > 0 else 1.0 for n, m in able.items()}
-        chosen = rendezvous_top(d.name, weights, d.replicas)
+        chosen = rendezvous_top(d.name, _weights(able), d.replicas)
         for n in chosen:
             if n in free:
                 free[n] -= need_mb(d, members[n])
