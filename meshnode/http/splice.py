@@ -179,6 +179,7 @@ class _Splice:
             return
         self.received += len(data)
         try:
+            out = b""  # the rewritten head, written with the body that came with it
             if not self.started:
                 self.head += data
                 end = self.head.find(b"\r\n\r\n")
@@ -188,29 +189,36 @@ class _Splice:
                     return
                 head, data = bytes(self.head[:end + 4]), bytes(self.head[end + 4:])
                 self.head = bytearray()
-                if not self._start(head):
+                out = self._start(head)
+                if self.done.done():  # refused (retry), or a head-only answer
+                    if out:
+                        self.out.write(out)
                     return
-            if data:
-                end = self._scan(data)
-                if end < 0:
-                    self.out.write(data)
-                    return
-                self.out.write(data[:end])
-                if end < len(data):
-                    self.keep_alive = False  # bytes after the answer: do not reuse
-                self._finish("done")
+            end = self._scan(data) if data else -1
+            if end < 0:
+                if out or data:
+                    self.out.write(out + data)  # one write: one syscall, one segment
+                return
+            self.out.write(out + data[:end])
+            if end < len(data):
+                self.keep_alive = False  # bytes after the answer: do not reuse
+            self._finish("done")
         except (UpstreamError, ValueError):
+            if self.started and out:
+                self.out.write(out)  # the head, then the body's bad framing: "broken"
             self.keep_alive = False
             self._finish("broken" if self.started else "failed")
 
-    def _start(self, head: bytes) -> bool:
+    def _start(self, head: bytes) -> bytes:
+        """Read the answer's head; the head to write to the client (with `extra`), or b""
+        when the answer is refused (a 503 to retry elsewhere: done with "retry")."""
         if not head.startswith(b"HTTP/1.") or head[8:9] != b" ":
             raise UpstreamError(f"not an HTTP/1.x answer: {head[:40]!r}")
         self.status = int(head[9:12])
         if self.status == 503 and self.retry_503:
             self.keep_alive = False
             self._finish("retry")
-            return False
+            return b""
         fields = head.lower()
         if b"\r\ntransfer-encoding:" in fields:
             if b"chunked" not in fields.partition(b"\r\ntransfer-encoding:")[2].partition(
@@ -227,12 +235,10 @@ class _Splice:
         if b"\r\nconnection: close" in fields:
             self.keep_alive = False
         line = head.find(b"\r\n") + 2
-        self.out.write(head[:line] + self.extra + head[line:])
         self.started = True
         if self.framing == "length" and self.left == 0:
             self._finish("done")
-            return False
-        return True
+        return head[:line] + self.extra + head[line:]
 
     def _scan(self, data: bytes) -> int:
         """Where the body ends in `data` (index after its last byte), or -1 if it goes on."""
