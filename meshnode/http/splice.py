@@ -78,7 +78,7 @@ def _begin(pool: Upstream, conn: _Conn, method: str, base: str, path: str, body:
         conn.close()
         return None
     data = encode_request(method, base, path, body, headers)
-    splice = conn.splice = _Splice(out, extra_head, retry_503)
+    splice = conn.splice = _Splice(out, extra_head, retry_503, conn.loop)
     transport.write(data)
     if on_source is not None:
         on_source(transport)
@@ -155,11 +155,12 @@ class _Splice:
     __slots__ = ("done", "extra", "framing", "head", "keep_alive", "left", "line", "out",
                  "received", "retry_503", "started", "status", "trailer")
 
-    def __init__(self, out: asyncio.Transport, extra: bytes, retry_503: bool) -> None:
+    def __init__(self, out: asyncio.Transport, extra: bytes, retry_503: bool,
+                 loop: asyncio.AbstractEventLoop) -> None:
         self.out = out
         self.extra = extra
         self.retry_503 = retry_503
-        self.done: asyncio.Future[Spliced] = asyncio.get_running_loop().create_future()
+        self.done: asyncio.Future[Spliced] = loop.create_future()
         self.head = bytearray()
         self.started = False  # the head was written to `out`
         self.received = 0

@@ -68,6 +68,8 @@ class _Conn(asyncio.Protocol):
         self.received = 0  # bytes received since the current request was sent
         self.idle_since = 0.0
         self.splice: Feed | None = None  # while set, bytes go there instead of buf
+        self.loop = asyncio.get_running_loop()
+        """Kept: each get_running_loop() costs a getpid() syscall on Python 3.11."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -113,7 +115,7 @@ class _Conn(asyncio.Protocol):
         if self.paused and self.transport is not None:
             self.paused = False
             self.transport.resume_reading()
-        self.waiter = asyncio.get_running_loop().create_future()
+        self.waiter = self.loop.create_future()
         try:
             await self.waiter
         finally:
