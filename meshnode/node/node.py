@@ -52,7 +52,7 @@ from .prefixes import PrefixLedger
 from .router import Router
 from .security import INTERNAL_REVOCATION_PATH, ClusterSecurity
 from .sync import DeploymentSync, Peer, TableSync, encode_entries
-from .views import DeploymentView, deployment_status, placed_replicas
+from .views import DeploymentView, deployment_view, placed_replicas
 
 __all__ = ["DeploymentView", "Node", "NodeState"]
 
@@ -401,19 +401,20 @@ class Node:
 
     def view(self, name: str) -> DeploymentView:
         """The deployment as the cluster runs it: every replica on a live member, ours too."""
-        d = self._get(name)
-        members = self._placement_view()
-        placed = placed_replicas(name, members, self.node_id, self.replicas.get(name))
-        where = placement.place(self.deployments.all(), members)[name]
-        status, message = deployment_status(d, placed, where)
-        return DeploymentView(
-            name=d.name, model=d.model, engine=d.engine, replicas=d.replicas,
-            abilities=self.abilities(name), context_length=d.context_length, created=d.created,
-            version=d.version, status=status, message=message, placed=placed, nodes=d.nodes,
-            labels=d.labels, min_ram_mb=d.min_ram_mb)
+        return self._view(self._get(name), *self._placed())
 
     def views(self) -> list[DeploymentView]:
-        return [self.view(d.name) for d in self.deployments.all()]
+        members, where = self._placed()  # once for all: place() covers the whole table
+        return [self._view(d, members, where) for d in self.deployments.all()]
+
+    def _placed(self) -> tuple[dict[str, NodeMeta], dict[str, placement.Placed]]:
+        members = self._placement_view()
+        return members, placement.place(self.deployments.all(), members)
+
+    def _view(self, d: Deployment, members: dict[str, NodeMeta],
+              where: dict[str, placement.Placed]) -> DeploymentView:
+        placed = placed_replicas(d.name, members, self.node_id, self.replicas.get(d.name))
+        return deployment_view(d, placed, where[d.name], self.abilities(d.name))
 
     def abilities(self, name: str) -> tuple[str, ...]:
         """What deployment `name` serves (chat, completion, embed, rerank); ModelNotFound."""

@@ -11,7 +11,7 @@ from .cluster import NodeMeta
 from .deployments import Deployment
 from .replicas import Replica, ReplicaStatus
 
-__all__ = ["DeploymentView", "deployment_status", "placed_replicas"]
+__all__ = ["DeploymentView", "deployment_status", "deployment_view", "placed_replicas"]
 
 
 class DeploymentView(msgspec.Struct, frozen=True, kw_only=True):
@@ -35,6 +35,17 @@ class DeploymentView(msgspec.Struct, frozen=True, kw_only=True):
     """Placement constraint: only nodes with every one of these labels."""
     min_ram_mb: int = 0
     """Placement constraint: only nodes with at least this much RAM."""
+
+
+def deployment_view(d: Deployment, placed: list[ReplicaStatus], where: placement.Placed,
+                    abilities: tuple[str, ...]) -> DeploymentView:
+    """Deployment `d` as the API shows it, its replicas `placed` where they run."""
+    status, message = deployment_status(d, placed, where)
+    return DeploymentView(
+        name=d.name, model=d.model, engine=d.engine, replicas=d.replicas, abilities=abilities,
+        context_length=d.context_length, created=d.created, version=d.version, status=status,
+        message=message, placed=placed, nodes=d.nodes, labels=d.labels,
+        min_ram_mb=d.min_ram_mb)
 
 
 def deployment_status(d: Deployment, placed: list[ReplicaStatus],
