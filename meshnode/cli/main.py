@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import sys
 import time
+from typing import Any
 from pathlib import Path
 
 from meshnode import __version__
@@ -131,12 +132,10 @@ def _ps(args: argparse.Namespace) -> int:
     for d in data:
         where = ", ".join(f"{p['node']}({p['state']})" for p in d["placed"]) or "-"
         ready = sum(p["state"] == "ready" for p in d["placed"])
-        rules = [*(f"node={n}" for n in d.get("nodes", ())),
-                 *(f"label={x}" for x in d.get("labels", ()))]
-        if d.get("min_ram_mb"):
-            rules.append(f"ram>={d['min_ram_mb']}MB")
+        rules = _rules(d)
         rows.append([d["name"], d["model"], d["engine"], f"{ready}/{d['replicas']}",
-                     d["status"], where, " ".join(rules) or "-", d["message"] or ""])
+                     d["status"], where, "-" if rules == "any node" else rules,
+                     d["message"] or ""])
     print(table(["NAME", "MODEL", "ENGINE", "READY", "STATUS", "REPLICAS", "ON", "MESSAGE"],
                 rows))
     return 0
@@ -157,6 +156,35 @@ def _scale(args: argparse.Namespace) -> int:
     print(f"{args.name}: {view['replicas']} replica(s) wanted; placement follows "
           "(`meshnode ps` shows where they run)")
     return 0
+
+
+def _update(args: argparse.Namespace) -> int:
+    body: dict[str, object] = {}
+    if args.replicas is not None:
+        body["replicas"] = args.replicas
+    if args.node or args.any_node:
+        body["nodes"] = args.node or []
+    if args.label or args.no_labels:
+        body["labels"] = args.label or []
+    if args.min_ram_mb is not None:
+        body["min_ram_mb"] = args.min_ram_mb
+    if not body:
+        raise CliError("nothing to change: give --replicas, --node, --any-node, --label, "
+                       "--no-labels or --min-ram-mb")
+    view = AdminClient(args.endpoint).request("PATCH", f"/v1/deployments/{args.name}", body)
+    print(f"{view['name']}: {view['replicas']} replica(s) on {_rules(view)}; "
+          f"now {view['status']}" + (f": {view['message']}" if view["message"] else "")
+          + " (`meshnode ps` shows where they run)")
+    return 0
+
+
+def _rules(view: dict[str, Any]) -> str:
+    """A deployment's placement constraints, as ps shows them ("any node" when none)."""
+    rules = [*(f"node={n}" for n in view.get("nodes", ())),
+             *(f"label={x}" for x in view.get("labels", ()))]
+    if view.get("min_ram_mb"):
+        rules.append(f"ram>={view['min_ram_mb']}MB")
+    return " ".join(rules) or "any node"
 
 
 def _catalogue(args: argparse.Namespace) -> int:
@@ -272,6 +300,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("replicas", type=int)
     p.set_defaults(func=_scale)
+    p = client_parser("update", "change a deployment's replicas or where it may run")
+    p.add_argument("name")
+    p.add_argument("--replicas", type=int, metavar="N")
+    pin = p.add_mutually_exclusive_group()
+    pin.add_argument("--node", action="append", metavar="NAME",
+                     help="run replicas only on this node (repeatable); replaces the pin")
+    pin.add_argument("--any-node", action="store_true", help="drop the node pin")
+    labels = p.add_mutually_exclusive_group()
+    labels.add_argument("--label", action="append", metavar="LABEL",
+                        help="run replicas only on nodes with this label (repeatable); "
+                             "replaces the labels")
+    labels.add_argument("--no-labels", action="store_true", help="drop the label constraint")
+    p.add_argument("--min-ram-mb", type=int, metavar="MB", help="0 drops the minimum")
+    p.set_defaults(func=_update)
     p = client_parser("members", "list the nodes of the mesh as this node sees them")
     p.set_defaults(func=_members)
     p = client_parser("engines", "which engines could run a model, on each node")

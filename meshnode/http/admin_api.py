@@ -10,7 +10,7 @@ from aiohttp import web
 
 from meshnode import __version__
 from meshnode.engines import InvalidRequest, decode_request
-from meshnode.node import CATALOGUE, INTERNAL_DEPLOYMENTS_PATH, LaunchRequest, ScaleRequest
+from meshnode.node import CATALOGUE, INTERNAL_DEPLOYMENTS_PATH, LaunchRequest, UpdateRequest
 
 from .keys import NODE
 
@@ -42,9 +42,9 @@ async def get_deployment(request: web.Request) -> web.Response:
 
 
 @routes.patch("/v1/deployments/{name}")
-async def scale(request: web.Request) -> web.Response:
-    req = decode_request(await request.read(), ScaleRequest)
-    return _json(await request.app[NODE].scale(request.match_info["name"], req.replicas))
+async def update(request: web.Request) -> web.Response:
+    change = decode_request(await request.read(), UpdateRequest)
+    return _json(await request.app[NODE].update(request.match_info["name"], change))
 
 
 @routes.delete("/v1/deployments/{name}")

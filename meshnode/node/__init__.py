@@ -5,7 +5,7 @@ Imports meshnode.mesh and meshnode.engines, never meshnode.http.
 
 from .catalogue import CATALOGUE, DEFAULT_MODEL, ModelSpec, find_spec, locate
 from .config import NodeConfig, default_data_dir, load_config
-from .deployments import Deployment, LaunchRequest, ScaleRequest
+from .deployments import Deployment, LaunchRequest, UpdateRequest
 from .errors import (
     ConfigError,
     DeploymentExists,
@@ -54,8 +54,8 @@ __all__ = [
     "ReplicaBusy",
     "ReplicaStatus",
     "Router",
-    "ScaleRequest",
     "Target",
+    "UpdateRequest",
     "default_data_dir",
     "find_spec",
     "is_loopback",

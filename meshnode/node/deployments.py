@@ -20,9 +20,9 @@ import msgspec
 from msgspec import Meta
 
 from .config import Label
-from .errors import ConfigError
+from .errors import ConfigError, InvalidDeployment
 
-__all__ = ["Deployment", "DeploymentTable", "LaunchRequest", "ScaleRequest"]
+__all__ = ["Deployment", "DeploymentTable", "LaunchRequest", "UpdateRequest"]
 
 Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
 """A node name as a placement constraint (what `meshnode start --name` accepts)."""
@@ -45,10 +45,21 @@ class LaunchRequest(msgspec.Struct, frozen=True, kw_only=True):
     """Run replicas only on nodes with at least this much RAM."""
 
 
-class ScaleRequest(msgspec.Struct, frozen=True, kw_only=True):
-    """Body of PATCH /v1/deployments/{name}."""
+class UpdateRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True,
+                    omit_defaults=True):
+    """Body of PATCH /v1/deployments/{name}: the fields to change, the others keep their
+    values. An empty list clears a pin (`nodes`) or the labels, `min_ram_mb: 0` the minimum;
+    the model, engine and name cannot change (stop and launch again)."""
 
-    replicas: Annotated[int, Meta(ge=1, le=64)]
+    replicas: Annotated[int, Meta(ge=1, le=64)] | None = None
+    nodes: Annotated[tuple[Name, ...], Meta(max_length=64)] | None = None
+    labels: Annotated[tuple[Label, ...], Meta(max_length=16)] | None = None
+    min_ram_mb: Annotated[int, Meta(ge=0)] | None = None
+
+    def check(self) -> None:
+        if (self.replicas, self.nodes, self.labels, self.min_ram_mb) == (None,) * 4:
+            raise InvalidDeployment("nothing to change: give replicas, nodes, labels or "
+                                    "min_ram_mb")
 
 
 class Deployment(msgspec.Struct, frozen=True, kw_only=True):
@@ -88,10 +99,19 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True):
                    nodes=tuple(sorted(set(nodes))), labels=tuple(sorted(set(labels))),
                    min_ram_mb=min_ram_mb, size_mb=size_mb)
 
-    def scaled(self, replicas: int, origin: str) -> "Deployment":
-        return msgspec.structs.replace(self, replicas=replicas,
-                                       version=max(time.time_ns(), self.version + 1),
-                                       origin=origin)
+    def updated(self, change: UpdateRequest, origin: str) -> "Deployment":
+        """This deployment with `change`'s fields (those not None), as a newer version."""
+        fields: dict[str, object] = {}
+        if change.replicas is not None:
+            fields["replicas"] = change.replicas
+        if change.nodes is not None:
+            fields["nodes"] = tuple(sorted(set(change.nodes)))
+        if change.labels is not None:
+            fields["labels"] = tuple(sorted(set(change.labels)))
+        if change.min_ram_mb is not None:
+            fields["min_ram_mb"] = change.min_ram_mb
+        return msgspec.structs.replace(self, **fields, origin=origin,
+                                       version=max(time.time_ns(), self.version + 1))
 
     def tombstone(self, origin: str) -> "Deployment":
         return msgspec.structs.replace(self, deleted=True,

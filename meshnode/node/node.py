@@ -36,7 +36,7 @@ from . import engine_choice, placement
 from .catalogue import deployment_spec, find_spec, valid_name
 from .cluster import Cluster, MemberView, NodeLoad, NodeMeta, node_load
 from .config import NodeConfig
-from .deployments import Deployment, DeploymentTable, LaunchRequest
+from .deployments import Deployment, DeploymentTable, LaunchRequest, UpdateRequest
 from .errors import (
     ConfigError,
     DeploymentExists,
@@ -52,7 +52,7 @@ from .prefixes import PrefixLedger
 from .router import Router
 from .security import INTERNAL_REVOCATION_PATH, ClusterSecurity
 from .sync import DeploymentSync, Peer, TableSync, encode_entries
-from .views import DeploymentView, deployment_view, placed_replicas
+from .views import DeploymentView, deployment_view
 
 __all__ = ["DeploymentView", "Node", "NodeState"]
 
@@ -373,12 +373,13 @@ class Node:
         log.info("deployment.stopped", name=name)
         return msgspec.structs.replace(view, status="stopped", placed=[])
 
-    async def scale(self, name: str, replicas: int) -> DeploymentView:
+    async def update(self, name: str, change: UpdateRequest) -> DeploymentView:
+        """Change a deployment's replicas or constraints (PATCH); placement follows."""
         async with self._lock:
-            deployment = self._get(name)
-            self.deployments.put(deployment.scaled(replicas, self.name))
+            self.deployments.put(self._get(name).updated(change, self.name))
         self._table_changed()
         await self._reconcile()
+        log.info("deployment.updated", name=name, change=msgspec.json.encode(change))
         return self.view(name)
 
     def deployment_entries(self) -> bytes:
@@ -413,8 +414,8 @@ class Node:
 
     def _view(self, d: Deployment, members: dict[str, NodeMeta],
               where: dict[str, placement.Placed]) -> DeploymentView:
-        placed = placed_replicas(d.name, members, self.node_id, self.replicas.get(d.name))
-        return deployment_view(d, placed, where[d.name], self.abilities(d.name))
+        return deployment_view(d, members, self.node_id, self.replicas.get(d.name),
+                               where[d.name], self.abilities(d.name))
 
     def abilities(self, name: str) -> tuple[str, ...]:
         """What deployment `name` serves (chat, completion, embed, rerank); ModelNotFound."""

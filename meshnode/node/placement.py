@@ -80,7 +80,7 @@ def _rules(d: Deployment, free: Mapping[str, int]
 
     def pinned(_: list[NodeMeta]) -> str:
         return (f"it is pinned to node(s) {', '.join(d.nodes)}, and none of them is a live "
-                "member: start one, or relaunch it without --node")
+                "member: start one, or move it (`meshnode update NAME --node ...` or --any-node)")
 
     def failed(metas: list[NodeMeta]) -> str:
         return (f"it failed to load on {', '.join(sorted(m.name for m in metas))} and no "
@@ -95,11 +95,13 @@ def _rules(d: Deployment, free: Mapping[str, int]
         have = "; ".join(f"{m.name}: {', '.join(m.labels) or '-'}"
                          for m in sorted(metas, key=lambda m: m.name))
         return (f"no node with the {d.engine} engine has every label of {', '.join(d.labels)} "
-                f"(labels: {have}); start a node with --label, or relaunch without them")
+                f"(labels: {have}); start a node with --label, or drop them (`meshnode update "
+                f"NAME --no-labels`)")
 
     def min_ram(metas: list[NodeMeta]) -> str:
         return (f"it asks for nodes with at least {d.min_ram_mb} MB of RAM, and the nodes "
-                f"it may use have at most {max(m.ram_mb for m in metas)} MB")
+                f"it may use have at most {max(m.ram_mb for m in metas)} MB (`meshnode "
+                "update NAME --min-ram-mb` changes it)")
 
     def size(metas: list[NodeMeta]) -> str:
         return (f"no node can hold this model: it needs {need} MB of RAM{plus}, and the nodes "

@@ -48,6 +48,7 @@ bound is checked where the count is exact:
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from typing import NamedTuple
@@ -161,6 +162,11 @@ class Router:
         An empty Plan when none."""
         if not gossiped:
             return Plan([], 0, "")
+        if len(gossiped) == 1:  # nothing to choose: no ring, prefix id or assignment
+            ((n, load),) = gossiped.items()
+            total = max(load, load if n == local else self.forwarded.get((name, n), 0))
+            return Plan([n], max(math.ceil(self.load_factor * (total + 1)),
+                                 self.min_capacity), n)
         ring = self.ring(name, frozenset(gossiped))
         forwarded = self.forwarded.get
         known: dict[str, int] = {}

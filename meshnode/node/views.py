@@ -37,10 +37,14 @@ class DeploymentView(msgspec.Struct, frozen=True, kw_only=True):
     """Placement constraint: only nodes with at least this much RAM."""
 
 
-def deployment_view(d: Deployment, placed: list[ReplicaStatus], where: placement.Placed,
+def deployment_view(d: Deployment, members: Mapping[str, NodeMeta], me: str,
+                    local: Replica | None, where: placement.Placed,
                     abilities: tuple[str, ...]) -> DeploymentView:
-    """Deployment `d` as the API shows it, its replicas `placed` where they run."""
-    status, message = deployment_status(d, placed, where)
+    """Deployment `d` as the API shows it, with its replicas where they run (placed_replicas)
+    and where placement puts it (`where`)."""
+    placed = placed_replicas(d.name, members, me, local)
+    chosen = {members[n].name for n in where.holders if n in members}
+    status, message = deployment_status(d, placed, where, chosen)
     return DeploymentView(
         name=d.name, model=d.model, engine=d.engine, replicas=d.replicas, abilities=abilities,
         context_length=d.context_length, created=d.created, version=d.version, status=status,
@@ -48,13 +52,23 @@ def deployment_view(d: Deployment, placed: list[ReplicaStatus], where: placement
         min_ram_mb=d.min_ram_mb)
 
 
-def deployment_status(d: Deployment, placed: list[ReplicaStatus],
-                      where: placement.Placed) -> tuple[str, str]:
-    """(status, message): ready, partial, failed, unplaced (with why) or loading."""
+def deployment_status(d: Deployment, placed: list[ReplicaStatus], where: placement.Placed,
+                      chosen: set[str] | None = None) -> tuple[str, str]:
+    """(status, message): ready, partial, failed, unplaced (with why) or loading. `chosen`:
+    the names of the nodes placement puts it on; a ready replica elsewhere is leaving (it
+    serves until its successor is ready), which the message says."""
     states = [p.state for p in placed]
     ready = states.count("ready")
     reason, able = where.reason, where.able
-    if ready >= d.replicas:
+    leaving = sorted(p.node for p in placed if p.state == "ready"
+                     and chosen is not None and p.node not in chosen)
+    if ready >= d.replicas and leaving and reason:
+        status, message = "ready", (f"{reason}; the replica(s) on {', '.join(leaving)} "
+                                    "serve until a node can hold it")
+    elif ready >= d.replicas and leaving:
+        status, message = "ready", (f"moving: the replica(s) on {', '.join(leaving)} "
+                                    "unload once their successors are ready")
+    elif ready >= d.replicas:
         status, message = "ready", ""
     elif ready and able < d.replicas:
         status, message = "partial", (f"{ready} of {d.replicas} replicas ready: only "

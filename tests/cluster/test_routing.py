@@ -329,7 +329,7 @@ async def test_three_prefixes_settle_on_three_replicas_seen_alike_from_every_nod
 def test_constraints_pin_a_deployment_or_say_why_it_has_no_node(
         mesh: dict[str, NodeProcess], tmp_path_factory: pytest.TempPathFactory) -> None:
     """Launched from a with `nodes: [c]`: the replica runs on c alone, whatever the hash
-    says; launched with a label no node carries: unplaced, saying which rule left no node,
+    says, and a PATCH from b moves the pin to a; launched with a label no node carries: unplaced, saying which rule left no node,
     until a node started with that label joins; a bad constraint is a 400 that changes
     nothing."""
     status, _, body = call(mesh["a"].url + "/v1/deployments", "POST",
@@ -344,6 +344,21 @@ def test_constraints_pin_a_deployment_or_say_why_it_has_no_node(
     status, headers, _ = call(mesh["a"].url + "/v1/chat/completions", "POST",
                               {**chat_body(), "model": "pinned"})
     assert status == 200 and headers["X-Served-By"] == "c"
+    # PATCH from another node moves the pin; c unloads once a has its replica ready.
+    for bad in ({}, {"model": "other"}, {"nodes": [""]}, {"replicas": 0}):
+        status, _, body = call(mesh["b"].url + "/v1/deployments/pinned", "PATCH", bad)
+        assert status == 400, (bad, body)
+    assert get_json(mesh["a"].url + "/v1/deployments/pinned")["nodes"] == ["c"]
+    status, _, body = call(mesh["b"].url + "/v1/deployments/pinned", "PATCH",
+                           {"nodes": ["a"], "replicas": 1})
+    assert status == 200, body
+    assert json.loads(body)["nodes"] == ["a"] and json.loads(body)["replicas"] == 1
+    for n in mesh.values():
+        wait_for(lambda n=n: ready_nodes(n, "pinned") == ["a"], 120, "pin moved to a")
+    wait_for(lambda: all_replicas(list(mesh.values()), "pinned") == [("a", "ready")], 60,
+             "c unloaded its replica")
+    status, _, body = call(mesh["c"].url + "/v1/deployments/pinned", "PATCH", {"nodes": []})
+    assert status == 200 and json.loads(body)["nodes"] == [], body
 
     status, _, body = call(mesh["b"].url + "/v1/deployments", "POST",
                            {"model": CHAT, "name": "on-gpu", "labels": ["gpu"]})

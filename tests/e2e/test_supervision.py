@@ -176,6 +176,18 @@ def test_cli_launch_ps_stop(own_node: NodeProcess) -> None:
     assert "2 replica(s) wanted" in scaled.stdout
     row = next(r for r in run("ps").stdout.splitlines() if r.split()[0] == "cli-model")
     assert row.split()[3] == "1/2", row  # one node: the second replica has nowhere to go
+    moved = run("update", "cli-model", "--replicas", "1", "--node", "nowhere", "--label",
+                "gpu")
+    assert moved.returncode == 0, moved.stderr
+    assert "1 replica(s) on node=nowhere label=gpu; now ready: it is pinned" in moved.stdout
+    assert "the replica(s) on " in moved.stdout and "serve until a node can hold it" in \
+        moved.stdout, moved.stdout  # no node qualifies: the old replica serves on
+    back = run("update", "cli-model", "--any-node", "--no-labels")
+    assert back.returncode == 0 and "1 replica(s) on any node" in back.stdout, back.stdout
+    nothing = run("update", "cli-model")
+    assert nothing.returncode == 1 and "nothing to change" in nothing.stderr
+    both = run("update", "cli-model", "--node", "x", "--any-node")
+    assert both.returncode == 2 and "not allowed with" in both.stderr
     zero = run("scale", "cli-model", "0")
     assert zero.returncode == 1 and "meshnode stop cli-model" in zero.stderr
     assert run("stop", "cli-model").returncode == 0

@@ -105,3 +105,21 @@ def test_a_damaged_table_file_is_refused_and_changes_nothing(tmp_path: Path,
     with pytest.raises(ConfigError, match="move it away"):
         table.load(path)
     assert table.entries() == before
+
+
+def test_an_update_changes_only_the_fields_it_names_as_a_newer_version() -> None:
+    from meshnode.engines import InvalidRequest, decode_request
+    from meshnode.node import InvalidDeployment, UpdateRequest
+
+    d = dep("x", time.time_ns() + 10**12, nodes=("c",), labels=("gpu",), min_ram_mb=100)
+    moved = d.updated(decode_request(b'{"nodes": ["b", "a", "b"]}', UpdateRequest), "n2")
+    assert moved.nodes == ("a", "b") and moved.labels == ("gpu",) and moved.min_ram_mb == 100
+    assert moved.replicas == d.replicas and moved.model == d.model
+    assert moved.version > d.version and moved.origin == "n2"  # a clock behind still wins
+    cleared = moved.updated(UpdateRequest(labels=(), min_ram_mb=0, replicas=3), "n1")
+    assert (cleared.nodes, cleared.labels, cleared.min_ram_mb, cleared.replicas) == (
+        ("a", "b"), (), 0, 3)
+    for bad in (b"{}", b'{"model": "other"}', b'{"replicas": 0}', b'{"nodes": ["a b"]}',
+                b'{"labels": ["x y"]}', b'{"min_ram_mb": -1}', b'{"replicas": null}'):
+        with pytest.raises((InvalidDeployment, InvalidRequest)):
+            decode_request(bad, UpdateRequest)

@@ -187,3 +187,24 @@ def test_failed_everywhere_says_where_and_what_to_do() -> None:
     assert holders(dep("m"), members) == []
     why = unplaced_reason(dep("m"), members)
     assert "failed to load on a, b" in why and "meshnode ps" in why
+
+
+def test_a_replica_left_where_placement_no_longer_puts_it_says_so() -> None:
+    """A pin changed (PATCH) to nodes that cannot hold it, or to a node still loading: the
+    old replica serves on, and the view says why it is still there."""
+    from meshnode.node.replicas import ReplicaStatus
+    from meshnode.node.views import deployment_view
+
+    members = {"ia": meta("a", replicas=(("m", "ready"),)), "ib": meta("b")}
+    pinned = dep(nodes=("nowhere",))
+    where = place([pinned], members)["m"]
+    view = deployment_view(pinned, members, "ic", None, where, ("chat",))
+    assert view.status == "ready" and view.placed == [ReplicaStatus(node="a", state="ready")]
+    assert view.message.startswith("it is pinned to node(s) nowhere") and \
+        "the replica(s) on a serve until" in view.message, view.message
+    moved = dep(nodes=("b",))
+    view = deployment_view(moved, members, "ic", None, place([moved], members)["m"], ())
+    assert view.status == "ready" and view.message.startswith("moving: the replica(s) on a")
+    stays = dep(nodes=("a",))
+    view = deployment_view(stays, members, "ic", None, place([stays], members)["m"], ())
+    assert (view.status, view.message) == ("ready", "")

@@ -159,3 +159,19 @@ def test_a_node_gossips_per_replica_loads_while_they_fit_and_else_its_total() ->
     load = node_load(many)  # 20 names do not fit the load's bytes: the total alone
     assert load == NodeLoad(20) and load.replicas is None
     assert len(msgspec.msgpack.encode(node_load(many[:3]))) <= MeshConfig().load_max_bytes
+
+
+def test_one_replica_takes_every_request_with_the_ring_formula_for_its_cap() -> None:
+    """The one-replica shortcut (no ring, no prefix id, no assignment) plans what the ring
+    would: that replica, as owner, with capacity max(ceil(1.25 (total + 1)), floor)."""
+    from meshnode.mesh.hashing import Ring
+
+    router = Router()
+    for load, forwarded, local in ((0, 0, None), (3, 0, None), (0, 5, None), (4, 9, "n1")):
+        router.forwarded.clear()
+        for _ in range(forwarded):
+            router.sent("dep", "n1")
+        total = load if local else max(load, forwarded)
+        plan = router.plan("dep", b"k", {"n1": load}, {} if load % 2 else None, local)
+        assert plan.order == ["n1"] and plan.owner == "n1"
+        assert plan.cap == Ring(["n1"]).capacity(total, 1.25, 2)
