@@ -178,6 +178,15 @@ def _update(args: argparse.Namespace) -> int:
     return 0
 
 
+def _memory(member: dict[str, Any]) -> str:
+    """A member's RAM and GPUs, as placement budgets them: "64G ram, 2x80G gpu"."""
+    ram, gpus = member.get("ram_mb", 0), member.get("gpu_mb", [])
+    parts = [f"{ram / 1024:.0f}G ram"] if ram else []
+    for mb in sorted(set(gpus), reverse=True):
+        parts.append(f"{gpus.count(mb)}x{mb / 1024:.0f}G gpu")
+    return ", ".join(parts) or "-"
+
+
 def _rules(view: dict[str, Any]) -> str:
     """A deployment's placement constraints, as ps shows them ("any node" when none)."""
     rules = [*(f"node={n}" for n in view.get("nodes", ())),
@@ -199,9 +208,10 @@ def _members(args: argparse.Namespace) -> int:
     data = AdminClient(args.endpoint).request("GET", "/v1/cluster/nodes")["data"]
     rows = [[m["name"] + (" *" if m["local"] else ""), m["node_id"][:12], m["address"],
              m["state"], m["incarnation"], ", ".join(m["models"]) or "-", m["load"],
-             ", ".join(m.get("labels", ())) or "-", f"{m['since_s']:.0f}s ago"] for m in data]
-    print(table(["NAME", "NODE ID", "ADDRESS", "STATE", "INC", "MODELS", "LOAD", "LABELS",
-                 "SINCE"], rows))
+             _memory(m), ", ".join(m.get("labels", ())) or "-", f"{m['since_s']:.0f}s ago"]
+            for m in data]
+    print(table(["NAME", "NODE ID", "ADDRESS", "STATE", "INC", "MODELS", "LOAD", "MEMORY",
+                 "LABELS", "SINCE"], rows))
     return 0
 
 

@@ -56,6 +56,7 @@ def server_command(launch: EngineLaunch, socket_path: str, port: int | None = No
     }
     if launch.devices:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, launch.devices))
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # the indices nvidia-smi and placement use
         if len(launch.devices) > 1:
             argv += ["--tp-size", str(len(launch.devices))]
     if launch.chat_template:

@@ -81,6 +81,7 @@ def server_command(launch: EngineLaunch, socket_path: str, gpu: bool | None = No
     }
     if launch.devices:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, launch.devices))
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # the indices nvidia-smi and placement use
     if gpu:
         argv += ["--gpu-memory-utilization", str(launch.memory_fraction)]
         if len(launch.devices) > 1:

@@ -57,6 +57,9 @@ class NodeMeta(msgspec.Struct, frozen=True, array_like=True):
     replica_extra_mb: int = 0
     """RAM (MB) each llama.cpp replica takes here beyond its model: the prompt cache
     (`prompt_cache_mb`). Placement budgets it."""
+    gpu_mb: tuple[int, ...] = ()
+    """Memory (MB) of each of this node's GPUs, by index: a vLLM or SGLang replica takes one
+    GPU that fits its model (placement.py)."""
 
 
 class NodeLoad(msgspec.Struct, frozen=True, array_like=True):
@@ -97,6 +100,10 @@ class MemberView(msgspec.Struct, frozen=True, kw_only=True):
     local: bool
     labels: tuple[str, ...] = ()
     """The member's labels (`meshnode start --label`)."""
+    ram_mb: int = 0
+    """The member's RAM, what placement budgets (0: unknown)."""
+    gpu_mb: tuple[int, ...] = ()
+    """Memory of each of the member's GPUs (MB), by index."""
 
 
 _meta_decoder = msgspec.msgpack.Decoder(NodeMeta)
@@ -274,6 +281,7 @@ class Cluster:
                 continue
             meta = _decode(_meta_decoder, m.meta)
             load = _decode(_load_decoder, m.load)
+            known = meta if isinstance(meta, NodeMeta) else None
             views.append(MemberView(
                 name=m.name, node_id=m.node_id, address=f"{m.addr[0]}:{m.addr[1]}",
                 http=f"{meta.http_host}:{meta.http_port}" if isinstance(meta, NodeMeta) else "",
@@ -283,7 +291,8 @@ class Cluster:
                 load=load.in_flight if isinstance(load, NodeLoad) else 0,
                 since_s=round(max(0.0, now - m.state_change), 1),
                 local=m.node_id == self.node_id,
-                labels=meta.labels if isinstance(meta, NodeMeta) else ()))
+                labels=known.labels if known else (), ram_mb=known.ram_mb if known else 0,
+                gpu_mb=known.gpu_mb if known else ()))
         return views
 
     def member(self, node_id: str) -> Member | None:

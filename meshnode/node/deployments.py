@@ -87,6 +87,11 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True):
     """The model's size as the launching node saw it (catalogue, or the file's size), so
     every node budgets the same RAM for a replica, whether or not it has the file."""
 
+    @property
+    def shape(self) -> tuple[object, ...]:
+        """What a running replica depends on: a change of any of these restarts it."""
+        return (self.model, self.engine, self.chat_template, self.context_length, self.created)
+
     @classmethod
     def new(cls, *, name: str, model: str, engine: str, replicas: int,
             chat_template: str | None, context_length: int, origin: str,

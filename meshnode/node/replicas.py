@@ -34,14 +34,18 @@ class ReplicaStatus(msgspec.Struct, frozen=True, kw_only=True):
     restarts: int = 0
     since: float = 0.0
     """Unix time of the last state change."""
+    gpu: int | None = None
+    """The GPU index it runs on (vLLM, SGLang on a node with GPUs); shown by its own node."""
 
 
 class Replica:
     def __init__(self, deployment: Deployment, spec: ModelSpec, *, node_name: str,
                  data_dir: Path, run_dir: Path, threads: int,
                  supervisor: SupervisorConfig, python: str = "",
-                 prompt_cache_mb: int = 256) -> None:
+                 prompt_cache_mb: int = 256, gpu: int | None = None) -> None:
         self.deployment = deployment
+        self.gpu = gpu
+        """The GPU index the engine runs on (placement gave it one: vLLM, SGLang), or None."""
         self.spec = spec
         self._node_name = node_name
         self._data_dir = data_dir
@@ -90,11 +94,19 @@ class Replica:
             chat_template=d.chat_template, threads=self._threads, python=self._python,
             cache_dir=str(self._data_dir / "converted"),
             prompt_cache_mb=self._prompt_cache_mb,
+            devices=() if self.gpu is None else (self.gpu,),
         )
         self.process = EngineProcess(
             launch, run_dir=self._run_dir,
             log_path=self._data_dir / "logs" / f"{d.name}.log", config=self._supervisor)
         await self.process.__aenter__()
+
+    def outdated(self, d: Deployment | None) -> bool:
+        """Whether this replica must go, `d` being its deployment now (None: stopped): stopped,
+        changed in what the engine runs (Deployment.shape), or failed under an older version
+        (a scale or an update lets the node try again)."""
+        return d is None or d.shape != self.deployment.shape or (
+            self.state == "failed" and d.version != self.deployment.version)
 
     @property
     def abilities(self) -> tuple[str, ...]:
@@ -111,9 +123,9 @@ class Replica:
         p = self.process
         if p is None:
             return ReplicaStatus(node=self._node_name, state=self._state, reason=self._reason,
-                                 since=self._since)
+                                 since=self._since, gpu=self.gpu)
         return ReplicaStatus(node=self._node_name, state=p.state.value, reason=p.reason,
-                             pid=p.pid, restarts=p.restarts, since=self._since)
+                             pid=p.pid, restarts=p.restarts, since=self._since, gpu=self.gpu)
 
     @property
     def base_url(self) -> str:

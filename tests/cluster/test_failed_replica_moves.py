@@ -4,7 +4,7 @@ Node b cannot start engines (its engine start timeout is 50 ms, so every start "
 ready"). The deployment's name is chosen so that rendezvous hashing puts its one replica on b
 first: b's replica fails, b gossips it as failed, and the next node in rendezvous order loads
 it. Requests to any node then succeed, and b keeps its failed record (with the reason) instead
-of retrying forever.
+of retrying forever, until the deployment changes.
 """
 
 from __future__ import annotations
@@ -73,3 +73,13 @@ def test_failed_replica_moves_to_the_next_node(nodes: dict[str, NodeProcess]) ->
     # Still settled a moment later: b does not take it back, no second replica appears.
     wait_for(lambda: placed() == settled, 5, "stable")
     assert sorted(placed().values()) == ["failed", "ready"]
+    # A change of the deployment (here a scale from c) lets b try again: its record goes,
+    # its new try fails the same way, and the second replica goes to the third node.
+    since = failed["since"]
+    status, _, body = call(nodes["c"].url + f"/v1/deployments/{name}", "PATCH", {"replicas": 2})
+    assert status == 200, body
+    wait_for(lambda: any(p["node"] == "b" and p["state"] == "failed" and p["since"] > since
+                         for p in get_json(nodes["b"].url + f"/v1/deployments/{name}")["placed"]),
+             60, "b tried again")
+    wait_for(lambda: placed() == {"a": "ready", "b": "failed", "c": "ready"}, 120,
+             "two replicas, on a and c")

@@ -383,6 +383,7 @@ def test_constraints_pin_a_deployment_or_say_why_it_has_no_node(
             wait_for(lambda n=n: ready_nodes(n, "on-gpu") == ["g"], 120, "placed on g")
         members = get_json(mesh["a"].url + "/v1/cluster/nodes")["data"]
         assert next(m["labels"] for m in members if m["name"] == "g") == ["gpu", "zone=1"]
+        assert all(m["ram_mb"] > 0 and m["gpu_mb"] == [] for m in members)  # no GPU here
         status, headers, _ = call(mesh["b"].url + "/v1/chat/completions", "POST",
                                   {**chat_body(), "model": "on-gpu"})
         assert status == 200 and headers["X-Served-By"] == "g"

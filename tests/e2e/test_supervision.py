@@ -188,6 +188,10 @@ def test_cli_launch_ps_stop(own_node: NodeProcess) -> None:
     assert nothing.returncode == 1 and "nothing to change" in nothing.stderr
     both = run("update", "cli-model", "--node", "x", "--any-node")
     assert both.returncode == 2 and "not allowed with" in both.stderr
+    members = run("members")
+    assert members.returncode == 0, members.stderr
+    header, row = members.stdout.splitlines()[:2]
+    assert "MEMORY" in header.split() and " *" in row and "G ram" in row, members.stdout
     zero = run("scale", "cli-model", "0")
     assert zero.returncode == 1 and "meshnode stop cli-model" in zero.stderr
     assert run("stop", "cli-model").returncode == 0

