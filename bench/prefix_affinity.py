@@ -40,6 +40,8 @@ saved state; each answer reports it as usage.prompt_tokens_details.cached_tokens
         --answer-tokens 32 --system-rules 0                   # short system prompts
     python bench/prefix_affinity.py ... --prompt-cache-mb 0     # the nodes' cache off
     python bench/prefix_affinity.py --replicas 5 --prompts 5 --prompt-cache-mb 0
+    python bench/prefix_affinity.py --turns 6 --conversations 12 --concurrency 4 \
+        --answer-tokens 64 --prompt-cache-mb 0      # longer chats: history counts most
 
 Target (issue 4): hit rate >= 3.8x round-robin's, max/mean <= 1.25. Single-turn: with R
 replicas and a uniform random workload over P prompts, round-robin hits about 1/P and
