@@ -104,6 +104,8 @@ class MemberView(msgspec.Struct, frozen=True, kw_only=True):
     """The member's RAM, what placement budgets (0: unknown)."""
     gpu_mb: tuple[int, ...] = ()
     """Memory of each of the member's GPUs (MB), by index."""
+    engines: tuple[str, ...] = ()
+    """The engines the member can run (what placement and a launch anywhere count on)."""
 
 
 _meta_decoder = msgspec.msgpack.Decoder(NodeMeta)
@@ -292,7 +294,7 @@ class Cluster:
                 since_s=round(max(0.0, now - m.state_change), 1),
                 local=m.node_id == self.node_id,
                 labels=known.labels if known else (), ram_mb=known.ram_mb if known else 0,
-                gpu_mb=known.gpu_mb if known else ()))
+                gpu_mb=known.gpu_mb if known else (), engines=known.engines if known else ()))
         return views
 
     def member(self, node_id: str) -> Member | None:

@@ -336,8 +336,7 @@ class Node:
     # deployments ------------------------------------------------------------------------
 
     async def launch(self, request: LaunchRequest) -> DeploymentView:
-        """Validate here (model, name, engine on this node), write the deployment, and let
-        placement start it wherever it belongs."""
+        """Validate (model, name, an engine some live node has), write it, let placement go."""
         spec = find_spec(request.model)
         name = request.name or spec.name
         if not valid_name(name):
@@ -345,7 +344,8 @@ class Node:
                 f"invalid deployment name {name!r}: use 1-64 letters, digits, '.', '_' or '-'"
                 ", starting with a letter or digit", param="name")
         assert self.hardware is not None
-        engine = engine_choice.choose(spec, request.engine, self.engines, self.hardware).engine
+        engine = engine_choice.choose(spec, request.engine, self.engines, self.hardware, {
+            e for _, meta, _ in self.peers.peers(PLACEMENT_STATES) for e in meta.engines}).engine
         context = min(request.context_length or spec.context_length,
                       self.config.max_context_length)
         async with self._lock:
