@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_update)
     p = client_parser("members", "list the nodes of the mesh as this node sees them")
     p.set_defaults(func=_members)
-    p = client_parser("engines", "which engines could run a model, on each node")
+    p = client_parser("engines", "which engines could run a model on the node asked, and why not")
     p.add_argument("model")
     p.set_defaults(func=_engines)
     p = client_parser("catalogue", "list the models this node knows")

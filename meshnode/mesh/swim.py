@@ -51,7 +51,11 @@ from .wire import (
     Suspect,
 )
 
-__all__ = ["Output", "Swim"]
+__all__ = ["LEAVE_DIRECT_MAX", "Output", "Swim"]
+
+LEAVE_DIRECT_MAX = 64
+"""A leaving node tells this many live members (random ones) directly, once each, before
+gossip spreads it further: one burst of small packets, bounded in a large cluster."""
 
 
 @dataclasses.dataclass(slots=True)
@@ -236,12 +240,18 @@ class Swim:
         self._stagger_push_pull(now)
 
     def leave(self, now: float) -> Output:
-        """Leave gracefully: gossip "dead" about ourselves from ourselves, which others record
-        as ``left``. Probing and push-pull stop; gossip goes on until ``leave_done``."""
+        """Leave gracefully: "dead" about ourselves from ourselves, which others record as
+        ``left``, sent at once to up to LEAVE_DIRECT_MAX live members (gossip alone may miss
+        one, which then takes the silence for a failure and records ``dead``), then gossiped.
+        Probing and push-pull stop; gossip goes on until ``leave_done``."""
         if not self._state.leaving:
             self._state.leaving = True
             local = self._table.local
-            self._state.on_dead(Dead(local.inc, local.node_id, local.node_id), now)
+            dead = Dead(local.inc, local.node_id, local.node_id)
+            self._state.on_dead(dead, now)
+            live = [n for n in self._table.nodes.values() if n is not local and not n.dead_or_left]
+            for peer in self._rng.sample(live, min(len(live), LEAVE_DIRECT_MAX)):
+                self._emit(peer.addr, wire.pack(self._cluster, [dead]))
             self._gossip(now)
         return self._flush()
 

@@ -301,6 +301,17 @@ def test_leave_gossips_dead_about_itself() -> None:
     assert not [m for _, m in h.pop_sent() if isinstance(m, Ping)]  # no probing after leave
 
 
+def test_leave_tells_every_live_member_at_once() -> None:
+    """Gossip picks random peers and may miss one, which would then time out its probes and
+    record a failure (dead) instead of a leave: the leave goes to each live member directly."""
+    h = Harness(peers=6)
+    h.recv(Dead(1, "peer5", "peer1"))  # a dead member needs no telling
+    h.pop_sent()
+    h._take(h.swim.leave(0.0))
+    told = [a for a, m in h.pop_sent() if m == Dead(1, "me", "me")]
+    assert set(told) >= {peer(i)[1] for i in range(5)}
+
+
 def test_update_meta_raises_incarnation() -> None:
     h = Harness(peers=2)
     h.delegate.meta = b"meta1"
