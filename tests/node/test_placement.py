@@ -255,3 +255,17 @@ def test_a_node_starts_a_gpu_replica_on_its_placed_gpu_unless_an_older_one_runs_
     assert local_gpu(d, [24000, 24000, 16000], [1, None], placed=1) == 2  # smallest free fit
     assert local_gpu(d, [24000, 24000], [0, 1], placed=1) == 1  # none free: as placed
     assert local_gpu(d, [24000], [], placed=None) is None  # not a GPU replica
+
+
+def test_a_gpu_engine_prefers_nodes_that_run_it_on_a_gpu() -> None:
+    """Whatever the hash and the weights (RAM) say, vLLM goes to the GPU box first; a
+    vllm-cpu node takes only the replicas the GPU nodes cannot."""
+    members = {"ig": meta("g", engines=("vllm",), ram_mb=8000, gpu_mb=(24000,)),
+               "ic": meta("c", engines=("vllm",), ram_mb=512000)}
+    for i in range(20):
+        one = dep(f"v{i}", engine="vllm", size_mb=1000)
+        assert holders(one, members) == ["ig"] == place([one], members)[one.name].holders
+        two = dep(f"w{i}", engine="vllm", replicas=2, size_mb=1000)
+        assert place([two], members)[two.name].holders == ["ig", "ic"]
+        cpu = dep(f"l{i}", engine="vllm", size_mb=1000, nodes=("c",))
+        assert place([cpu], members)[cpu.name].holders == ["ic"]  # pinned: CPU it is
