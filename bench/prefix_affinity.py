@@ -59,7 +59,6 @@ import asyncio
 import json
 import random
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -308,7 +307,7 @@ def main() -> None:
         elapsed = time.monotonic() - started
     finally:
         for n in nodes:
-            n.stop(signal.SIGKILL)
+            n.stop()  # SIGTERM: a clean exit leaves no engine socket behind
         shutil.rmtree(tmp, ignore_errors=True)
 
     ratio = aff["hit_rate"] / rr["hit_rate"] if rr["hit_rate"] else float("inf")

@@ -69,9 +69,16 @@ def test_engine_killed_is_restarted(own_node: NodeProcess) -> None:
 def test_sigterm_stops_engines_and_exits_zero(own_node: NodeProcess) -> None:
     pids = list(own_node.engine_pids().values())
     assert pids and all(pid_alive(p) for p in pids)
+    # This node's sockets, from its engines' command lines (a glob on the node's pid could
+    # match stale sockets of an earlier process that had the same pid and was SIGKILLed).
+    sockets = []
+    for pid in pids:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        sockets.append(Path(argv[argv.index(b"--socket") + 1].decode()))
+    assert all(s.exists() for s in sockets), sockets
     assert own_node.stop(signal.SIGTERM) == 0
     assert not any(pid_alive(p) for p in pids)
-    assert not list(Path("/tmp").glob(f"meshnode-*/*.{own_node.proc.pid}.sock"))
+    assert not any(s.exists() for s in sockets), sockets
 
 
 def test_sigkill_of_node_leaves_no_orphan(own_node: NodeProcess) -> None:
