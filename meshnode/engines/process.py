@@ -231,6 +231,7 @@ class EngineProcess:
         # The group may hold grandchildren (vLLM workers): make sure none survive.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+        await _group_gone(proc.pid, self.config.stop_grace_s)
 
     def _remove_leftovers(self) -> None:
         for path in (self.socket_path, *self.command.cleanup):
@@ -251,3 +252,33 @@ class EngineProcess:
         except OSError:
             return ""
         return " | ".join(line.strip() for line in tail if line.strip())
+
+
+def _group_runs(pgid: int) -> bool:
+    """Whether a process of group `pgid` still runs; zombies (which hold no memory) aside,
+    where /proc tells them apart."""
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(") ", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                return True
+    return False
+
+
+async def _group_gone(pgid: int, timeout_s: float) -> None:
+    """Wait, at most `timeout_s`, until no process of group `pgid` runs. SIGKILL is delivered
+    asynchronously: a dying vLLM worker holds its memory, GPU memory included, until the
+    kernel has torn it down, and a replica started next on that GPU needs it back."""
+    deadline = time.monotonic() + timeout_s
+    while _group_runs(pgid) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)

