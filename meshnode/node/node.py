@@ -382,7 +382,7 @@ class Node:
             self.deployments.put(self._get(name).updated(change, self.name))
         self._table_changed()
         await self._reconcile()
-        log.info("deployment.updated", name=name, change=msgspec.json.encode(change))
+        log.info("deployment.updated", name=name, change=msgspec.json.encode(change).decode())
         return self.view(name)
 
     def deployment_entries(self) -> bytes:
@@ -496,5 +496,3 @@ class Node:
         with contextlib.suppress(KeyError):
             return await self.replicas[name].wait_ready(timeout)
         return "missing"
-
-

@@ -329,9 +329,9 @@ async def test_three_prefixes_settle_on_three_replicas_seen_alike_from_every_nod
 def test_constraints_pin_a_deployment_or_say_why_it_has_no_node(
         mesh: dict[str, NodeProcess], tmp_path_factory: pytest.TempPathFactory) -> None:
     """Launched from a with `nodes: [c]`: the replica runs on c alone, whatever the hash
-    says, and a PATCH from b moves the pin to a; launched with a label no node carries: unplaced, saying which rule left no node,
-    until a node started with that label joins; a bad constraint is a 400 that changes
-    nothing."""
+    says, and a PATCH from b moves the pin to a; launched with a label no node carries:
+    unplaced, saying which rule left no node, until a node started with that label joins; a
+    bad constraint is a 400 that changes nothing."""
     status, _, body = call(mesh["a"].url + "/v1/deployments", "POST",
                            {"model": CHAT, "name": "pinned", "replicas": 2, "nodes": ["c"]})
     assert status == 201, body

@@ -97,7 +97,8 @@ def test_vllm_gpu_command(tmp_path: Path) -> None:
     cmd = vllm.server_command(launch(tmp_path, devices=(2, 3), memory_fraction=0.6),
                               str(tmp_path / "s"), gpu=True)
     server = server_part(cmd.argv)
-    assert cmd.env["CUDA_VISIBLE_DEVICES"] == "2,3" and cmd.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert cmd.env["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert cmd.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     assert flag(server, "--gpu-memory-utilization") == "0.6"
     assert flag(server, "--tensor-parallel-size") == "2"
     assert "--enforce-eager" not in server and "VLLM_CPU_KVCACHE_SPACE" not in cmd.env
@@ -155,7 +156,8 @@ def test_sglang_command(tmp_path: Path) -> None:
     assert flag(server, "--mem-fraction-static") == "0.7"
     assert flag(server, "--context-length") == "4096"
     assert flag(server, "--tp-size") == "2"
-    assert cmd.env["CUDA_VISIBLE_DEVICES"] == "0,1" and cmd.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert cmd.env["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert cmd.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     assert cmd.base_url == "http://127.0.0.1:31234" and cmd.health_path == "/health"
     assert cmd.env["TMPDIR"] == private_tmp_dir(sock) and cmd.cleanup == (private_tmp_dir(sock),)
     assert "--gguf-cache" not in cmd.argv
