@@ -43,7 +43,14 @@ async def get_deployment(request: web.Request) -> web.Response:
 
 @routes.patch("/v1/deployments/{name}")
 async def update(request: web.Request) -> web.Response:
-    change = decode_request(await request.read(), UpdateRequest)
+    try:
+        change = decode_request(await request.read(), UpdateRequest)
+    except InvalidRequest as exc:
+        if "unknown field" not in str(exc):
+            raise
+        raise InvalidRequest(f"{exc}: PATCH changes replicas, nodes, labels or min_ram_mb; "
+                             "to change anything else, stop the deployment and launch it "
+                             "again", param=exc.param) from None
     return _json(await request.app[NODE].update(request.match_info["name"], change))
 
 

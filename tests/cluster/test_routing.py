@@ -348,6 +348,8 @@ def test_constraints_pin_a_deployment_or_say_why_it_has_no_node(
     for bad in ({}, {"model": "other"}, {"nodes": [""]}, {"replicas": 0}):
         status, _, body = call(mesh["b"].url + "/v1/deployments/pinned", "PATCH", bad)
         assert status == 400, (bad, body)
+        if "model" in bad:
+            assert b"stop the deployment and launch it again" in body, body
     assert get_json(mesh["a"].url + "/v1/deployments/pinned")["nodes"] == ["c"]
     status, _, body = call(mesh["b"].url + "/v1/deployments/pinned", "PATCH",
                            {"nodes": ["a"], "replicas": 1})
