@@ -6,8 +6,8 @@ import argparse
 import asyncio
 import sys
 import time
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from meshnode import __version__
 
@@ -132,10 +132,8 @@ def _ps(args: argparse.Namespace) -> int:
     for d in data:
         where = ", ".join(f"{p['node']}({p['state']})" for p in d["placed"]) or "-"
         ready = sum(p["state"] == "ready" for p in d["placed"])
-        rules = _rules(d)
         rows.append([d["name"], d["model"], d["engine"], f"{ready}/{d['replicas']}",
-                     d["status"], where, "-" if rules == "any node" else rules,
-                     d["message"] or ""])
+                     d["status"], where, _rules(d) or "-", d["message"] or ""])
     print(table(["NAME", "MODEL", "ENGINE", "READY", "STATUS", "REPLICAS", "ON", "MESSAGE"],
                 rows))
     return 0
@@ -172,7 +170,7 @@ def _update(args: argparse.Namespace) -> int:
         raise CliError("nothing to change: give --replicas, --node, --any-node, --label, "
                        "--no-labels or --min-ram-mb")
     view = AdminClient(args.endpoint).request("PATCH", f"/v1/deployments/{args.name}", body)
-    print(f"{view['name']}: {view['replicas']} replica(s) on {_rules(view)}; "
+    print(f"{view['name']}: {view['replicas']} replica(s) on {_rules(view) or 'any node'}; "
           f"now {view['status']}" + (f": {view['message']}" if view["message"] else "")
           + " (`meshnode ps` shows where they run)")
     return 0
@@ -188,12 +186,12 @@ def _memory(member: dict[str, Any]) -> str:
 
 
 def _rules(view: dict[str, Any]) -> str:
-    """A deployment's placement constraints, as ps shows them ("any node" when none)."""
+    """A deployment's placement constraints, as ps shows them ("" when none)."""
     rules = [*(f"node={n}" for n in view.get("nodes", ())),
              *(f"label={x}" for x in view.get("labels", ()))]
     if view.get("min_ram_mb"):
         rules.append(f"ram>={view['min_ram_mb']}MB")
-    return " ".join(rules) or "any node"
+    return " ".join(rules)
 
 
 def _catalogue(args: argparse.Namespace) -> int:

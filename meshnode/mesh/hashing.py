@@ -57,7 +57,8 @@ from itertools import chain
 
 from meshnode.mesh.errors import MeshError
 
-__all__ = ["DEFAULT_LOAD_FACTOR", "DEFAULT_VNODES", "EmptyRingError", "Ring", "rendezvous_top"]
+__all__ = ["DEFAULT_LOAD_FACTOR", "DEFAULT_VNODES", "EmptyRingError", "Ring", "bounded_capacity",
+           "rendezvous_top"]
 
 DEFAULT_VNODES = 160
 """Virtual nodes per node. A node's share of the ring is a sum of `vnodes` arcs, so its relative
@@ -91,6 +92,15 @@ def _bytes(key: str | bytes) -> bytes:
 
 def _hash64(data: bytes, person: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8, person=person).digest(), "little")
+
+
+def bounded_capacity(total: int, n: int, c: float = DEFAULT_LOAD_FACTOR, floor: int = 1) -> int:
+    """max(ceil(c * (total + 1) / n), floor): the most in-flight requests one of `n` nodes
+    may hold, counting the one being placed, when `total` are in flight (Ring.capacity).
+    ValueError when c < 1 or is not finite."""
+    if not 1.0 <= c < math.inf:
+        raise ValueError(f"c must be finite and >= 1, got {c!r}")
+    return max(math.ceil(c * (total + 1) / n), floor)
 
 
 def rendezvous_top(key: str | bytes, nodes: Mapping[str, float], k: int) -> list[str]:
@@ -255,9 +265,7 @@ class Ring:
         """The bounded-load capacity, max(ceil(c * (total + 1) / n), floor): the most
         in-flight requests a node may hold, counting the one being placed, when `total` are
         in flight over the ring's n nodes. ValueError when c < 1 or is not finite."""
-        if not 1.0 <= c < math.inf:
-            raise ValueError(f"c must be finite and >= 1, got {c!r}")
-        return max(math.ceil(c * (total + 1) / len(self._nodes)), floor)
+        return bounded_capacity(total, len(self._nodes), c, floor)
 
     def choose(
         self, key: str | bytes, loads: Mapping[str, int], c: float = DEFAULT_LOAD_FACTOR

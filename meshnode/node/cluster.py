@@ -286,10 +286,9 @@ class Cluster:
             known = meta if isinstance(meta, NodeMeta) else None
             views.append(MemberView(
                 name=m.name, node_id=m.node_id, address=f"{m.addr[0]}:{m.addr[1]}",
-                http=f"{meta.http_host}:{meta.http_port}" if isinstance(meta, NodeMeta) else "",
+                http=f"{known.http_host}:{known.http_port}" if known else "",
                 state=m.state.name.lower(), incarnation=m.incarnation,
-                models=[f"{d}({s})" for d, s in meta.replicas] if isinstance(meta, NodeMeta)
-                else [],
+                models=[f"{d}({s})" for d, s in known.replicas] if known else [],
                 load=load.in_flight if isinstance(load, NodeLoad) else 0,
                 since_s=round(max(0.0, now - m.state_change), 1),
                 local=m.node_id == self.node_id,

@@ -48,7 +48,6 @@ bound is checked where the count is exact:
 from __future__ import annotations
 
 import contextlib
-import math
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from typing import NamedTuple
@@ -61,7 +60,7 @@ from meshnode.engines import (
     EmbeddingRequest,
     RerankRequest,
 )
-from meshnode.mesh.hashing import DEFAULT_LOAD_FACTOR, Ring
+from meshnode.mesh.hashing import DEFAULT_LOAD_FACTOR, Ring, bounded_capacity
 
 from .prefixes import EMPTY as _EMPTY
 from .prefixes import Assignment, assign, pid_bytes, prefix_id, unpack
@@ -165,8 +164,7 @@ class Router:
         if len(gossiped) == 1:  # nothing to choose: no ring, prefix id or assignment
             ((n, load),) = gossiped.items()
             total = max(load, load if n == local else self.forwarded.get((name, n), 0))
-            return Plan([n], max(math.ceil(self.load_factor * (total + 1)),
-                                 self.min_capacity), n)
+            return Plan([n], bounded_capacity(total, 1, self.load_factor, self.min_capacity), n)
         ring = self.ring(name, frozenset(gossiped))
         forwarded = self.forwarded.get
         known: dict[str, int] = {}
