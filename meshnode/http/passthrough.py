@@ -44,6 +44,7 @@ __all__ = ["HOP_HEADER", "PREFIX_PATHS", "Call", "Sink", "dispatch", "effective_
 log = structlog.get_logger("meshnode.http")
 
 HOP_HEADER = "X-Meshnode-Hop"
+_HOP = HOP_HEADER.encode()
 PREFIX_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 """Generative routes: routed by their prompt prefix, and recorded in the serving replica's
 prefix ledger (a KV cache to reuse); embeddings and rerank have none."""
@@ -226,15 +227,20 @@ def _peer_tls_ok(node: Node, ssl_object: object, target: Target) -> bool:
     return True
 
 
-def forward_headers(call: Call, cap: int | None, spill: bool = False) -> dict[str, str]:
-    """The headers a request is forwarded to a peer with; `cap`: the load cap the peer
-    refuses at (None on the last try, which the peer serves whatever its load); `spill`:
-    the peer is not the request's owner, so it claims no prefix (hop_params)."""
-    hop = ("1" if cap is None else f"1; cap={cap}") + ("; spill" if spill else "")
-    headers = {HOP_HEADER: hop, "X-Request-Id": call.rid, "Content-Type": "application/json"}
-    if call.authorization is not None:
-        headers["Authorization"] = call.authorization
-    return headers
+def forward_headers(rid: str, authorization: str | None, cap: int | None,
+                    spill: bool = False) -> bytes:
+    """The header lines (encoded) a request is forwarded to a peer with: the hop header,
+    its request id `rid` (request_id: a token) and, in an open cluster that requires API
+    keys, the client's `authorization` (a header value as read: no line break); `cap`:
+    the load cap the peer refuses at (None on the last try, which the peer serves whatever
+    its load); `spill`: the peer is not the request's owner, so it claims no prefix
+    (hop_params)."""
+    lines = b"%s: 1%s%s\r\nX-Request-Id: %s\r\nContent-Type: application/json\r\n" % (
+        _HOP, b"" if cap is None else b"; cap=%d" % cap, b"; spill" if spill else b"",
+        rid.encode())
+    if authorization is not None:
+        lines += b"Authorization: %s\r\n" % authorization.encode("latin-1")
+    return lines
 
 
 def tls_check(node: Node, target: Target) -> Callable[[object], bool] | None:
@@ -256,7 +262,7 @@ async def _forward(call: Call, name: str, target: Target, path: str, body: bytes
     """Pass the peer's answer on (True), or False to try the next target: it failed before
     its first byte (unreachable, or 503 when others remain, i.e. `cap` is set)."""
     final = cap is None
-    headers = forward_headers(call, cap, spill)
+    headers = forward_headers(call.rid, call.authorization, cap, spill)
     assert call.peers is not None, "a Call that may forward needs the peers' pool"
     router = call.node.router
     router.sent(name, target.node_id)
@@ -304,7 +310,7 @@ async def _forward(call: Call, name: str, target: Target, path: str, body: bytes
         router.answered(name, target.node_id)
 
 
-async def _splice(call: Call, target: Target, path: str, body: bytes, headers: dict[str, str],
+async def _splice(call: Call, target: Target, path: str, body: bytes, headers: bytes,
                   final: bool, sink: Sink) -> bool:
     """_forward's way for a sink over a raw socket: the peer's answer, head included, is
     written to the client as it arrives (the peer already set X-Request-Id, X-Served-By)."""

@@ -1,7 +1,7 @@
 """Splicing: an upstream answer written to a client socket as it arrives, framing and all.
 
 Used by the front (front.py) to pass a peer node's answer on. The upstream connection's
-data_received hands each read to a `_Splice`, which writes it to the client transport and
+data_received hands each read to a `Splice`, which writes it to the client transport and
 counts the answer's framing (Content-Length, or chunk sizes and the trailer) to know where it
 ends; then the connection goes back to the pool (upstream.py). No task wakes per chunk, and
 the head is not parsed into objects and rebuilt: only the status and the framing fields are
@@ -14,14 +14,22 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable, Mapping
+from typing import Protocol
 
 from .upstream import HEAD_MAX, Upstream, UpstreamError, _Conn, encode_request
 
-__all__ = ["SpliceHandle", "Spliced", "splice", "splice_now"]
+__all__ = ["Splice", "Spliced", "Watcher", "splice", "splice_now"]
+
+
+class Watcher(Protocol):
+    """Told once how a splice ended (splice_now), from the upstream connection's callbacks;
+    it then calls the splice's `finish()`."""
+
+    def on_done(self, done: Spliced) -> None: ...
 
 
 async def splice(pool: Upstream, method: str, base: str, path: str, body: bytes,
-                 headers: Mapping[str, str] | None, out: asyncio.Transport, *,
+                 headers: Mapping[str, str] | bytes | None, out: asyncio.Transport, *,
                  extra_head: bytes = b"", retry_503: bool = False,
                  check: Callable[[ssl.SSLObject | None], bool] | None = None,
                  on_source: Callable[[asyncio.Transport | None], None] | None = None,
@@ -35,102 +43,82 @@ async def splice(pool: Upstream, method: str, base: str, path: str, body: bytes,
     refuses (its TLS session), or one that fails, gives an outcome to try elsewhere
     ("retry", "refused", "failed"); `on_source` is told the upstream transport while the
     answer flows (the client side pauses and resumes its reading: backpressure)."""
-    args = (method, base, path, body, headers, out, extra_head, retry_503, check, on_source)
-    handle = splice_now(pool, *args)
-    if handle is not None:
-        done = await handle.wait()
+    data = encode_request(method, base, path, body, headers)
+    loop = asyncio.get_running_loop()
+    waiter = _Waiter(loop)
+    started = splice_now(pool, base, data, out, extra_head, retry_503, check, waiter)
+    if started is not None:
+        done = await waiter.wait(started, on_source)
         if done.outcome != "stale":
             return done
     try:  # no idle connection, or it had been closed while idle: a fresh one
         conn = await pool._connect(base)
     except UpstreamError:
         return Spliced("failed")
-    handle = _begin(pool, conn, *args)
-    if handle is None:
+    waiter = _Waiter(loop)
+    started = _begin(pool, base, conn, data, out, extra_head, retry_503, check, waiter)
+    if started is None:
         return Spliced("refused")
-    done = await handle.wait()
+    done = await waiter.wait(started, on_source)
     return Spliced("failed") if done.outcome == "stale" else done
 
-def splice_now(pool: Upstream, method: str, base: str, path: str, body: bytes,
-               headers: Mapping[str, str] | None, out: asyncio.Transport,
-               extra_head: bytes = b"", retry_503: bool = False,
-               check: Callable[[ssl.SSLObject | None], bool] | None = None,
-               on_source: Callable[[asyncio.Transport | None], None] | None = None,
-               ) -> SpliceHandle | None:
-    """`splice` without awaiting: on an idle pooled connection only (None when there is
-    none, or `check` refuses it), the request is written before this returns. The handle's
-    `done` resolves with how it ended ("stale": the pooled connection had been closed by
-    the peer and nothing was processed; try `splice`); then call its `finish()`."""
+
+def splice_now(pool: Upstream, base: str, data: bytes, out: asyncio.Transport,
+               extra_head: bytes, retry_503: bool,
+               check: Callable[[ssl.SSLObject | None], bool] | None,
+               watcher: Watcher) -> Splice | None:
+    """`splice` without awaiting, of a request already encoded (`data`): on an idle pooled
+    connection only (None when there is none, or `check` refuses it), the request is
+    written before this returns. The watcher's `on_done` says how it ended ("stale": the
+    pooled connection had been closed by the peer and nothing was processed; try
+    `splice`). While it runs, `Splice.source` is the upstream transport (to pause while
+    `out` is above its high-water mark: backpressure)."""
     conn = pool._get(base)
     if conn is None:
         return None
-    return _begin(pool, conn, method, base, path, body, headers, out, extra_head,
-                       retry_503, check, on_source)
+    return _begin(pool, base, conn, data, out, extra_head, retry_503, check, watcher)
 
-def _begin(pool: Upstream, conn: _Conn, method: str, base: str, path: str, body: bytes,
-           headers: Mapping[str, str] | None, out: asyncio.Transport, extra_head: bytes,
-           retry_503: bool, check: Callable[[ssl.SSLObject | None], bool] | None,
-           on_source: Callable[[asyncio.Transport | None], None] | None,
-           ) -> SpliceHandle | None:
+
+def _begin(pool: Upstream, base: str, conn: _Conn, data: bytes, out: asyncio.Transport,
+           extra_head: bytes, retry_503: bool,
+           check: Callable[[ssl.SSLObject | None], bool] | None,
+           watcher: Watcher) -> Splice | None:
     transport = conn.transport
     if transport is None or (check is not None
                              and not check(transport.get_extra_info("ssl_object"))):
         conn.close()
         return None
-    data = encode_request(method, base, path, body, headers)
-    splice = conn.splice = _Splice(out, extra_head, retry_503, conn.loop)
+    started = conn.splice = Splice(pool, base, conn, out, extra_head, retry_503, watcher)
     transport.write(data)
-    if on_source is not None:
-        on_source(transport)
-    return SpliceHandle(pool, base, conn, splice, on_source)
+    return started
 
 
-class SpliceHandle:
-    """A splice in flight (splice_now)."""
+class _Waiter:
+    """The Watcher of an awaited splice."""
 
-    __slots__ = ("_base", "_conn", "_on_source", "_splice", "_upstream")
+    __slots__ = ("future",)
 
-    def __init__(self, upstream: Upstream, base: str, conn: _Conn, splice: _Splice,
-                 on_source: Callable[[asyncio.Transport | None], None] | None) -> None:
-        self._upstream = upstream
-        self._base = base
-        self._conn = conn
-        self._splice = splice
-        self._on_source = on_source
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.future: asyncio.Future[Spliced] = loop.create_future()
 
-    @property
-    def done(self) -> asyncio.Future[Spliced]:
-        return self._splice.done
+    def on_done(self, done: Spliced) -> None:
+        if not self.future.done():
+            self.future.set_result(done)
 
-    def finish(self) -> Spliced:
-        """Once `done`: the connection goes back to the pool (a whole answer, reusable) or is
-        closed; how the splice ended."""
-        conn = self._conn
-        conn.splice = None
-        if self._on_source is not None:
-            self._on_source(None)
-            self._on_source = None
-        done = self._splice.done.result()
-        if done.outcome == "done" and done.keep_alive and conn.transport is not None:
-            conn.received = 0
-            self._upstream._put(self._base, conn)
-        else:
-            conn.close()
-        return done
-
-    def abort(self) -> None:
-        """Drop the upstream connection now (the client went away): the peer sees it."""
-        self._conn.close()
-        self._splice.lost(None)
-
-    async def wait(self) -> Spliced:
+    async def wait(self, started: Splice, on_source: Callable[[asyncio.Transport | None],
+                                                              None] | None) -> Spliced:
+        if on_source is not None:
+            on_source(started.source)
         try:
-            await self._splice.done
+            await self.future
         except BaseException:
-            self.abort()  # cancelled: the peer sees us go away
-            self.finish()
+            started.abort()  # cancelled: the peer sees us go away
+            started.finish()
             raise
-        return self.finish()
+        finally:
+            if on_source is not None:
+                on_source(None)
+        return started.finish()
 
 
 class Spliced:
@@ -149,49 +137,84 @@ class Spliced:
         self.at_boundary = at_boundary
 
 
-class _Splice:
-    """The framing counter of one spliced answer (see splice)."""
+class Splice:
+    """One answer in flight: the framing counter fed by the upstream connection (see the
+    module docstring). The state fields start at their class-level defaults (one
+    assignment less each per request: this runs on every forwarded request)."""
 
-    __slots__ = ("done", "extra", "framing", "head", "keep_alive", "left", "line", "out",
-                 "received", "retry_503", "started", "status", "trailer")
+    head = b""          # the start of a head split across reads
+    started = False     # the head was written to `out`
+    received = 0
+    status = 0
+    framing = ""        # "length" | "chunked" | "close"
+    left = 0            # body bytes left ("length"), or of the chunk + its CRLF
+    line = b""          # a chunk-size or trailer line split across reads
+    trailer = False
+    keep_alive = True
+    result: Spliced | None = None
 
-    def __init__(self, out: asyncio.Transport, extra: bytes, retry_503: bool,
-                 loop: asyncio.AbstractEventLoop) -> None:
-        self.out = out
-        self.extra = extra
-        self.retry_503 = retry_503
-        self.done: asyncio.Future[Spliced] = loop.create_future()
-        self.head = bytearray()
-        self.started = False  # the head was written to `out`
-        self.received = 0
-        self.status = 0
-        self.framing = ""     # "length" | "chunked" | "close"
-        self.left = 0         # body bytes left ("length"), or of the chunk + its CRLF
-        self.line = bytearray()  # a chunk-size or trailer line split across reads
-        self.trailer = False
-        self.keep_alive = True
+    def __init__(self, pool: Upstream, base: str, conn: _Conn, out: asyncio.Transport,
+                 extra: bytes, retry_503: bool, watcher: Watcher | None) -> None:
+        self.pool, self.base, self.conn, self.out = pool, base, conn, out
+        self.extra, self.retry_503, self.watcher = extra, retry_503, watcher
+
+    @property
+    def source(self) -> asyncio.Transport | None:
+        """The upstream transport, while the answer flows."""
+        return self.conn.transport
+
+    def finish(self) -> Spliced:
+        """Once done: the connection goes back to the pool (a whole answer, reusable) or is
+        closed; how the splice ended."""
+        conn, done = self.conn, self.result
+        assert done is not None, "finish() before the splice ended"
+        conn.splice = None
+        if done.keep_alive and done.outcome == "done" and conn.transport is not None:
+            conn.received = 0
+            self.pool._put(self.base, conn)
+        else:
+            conn.close()
+        return done
+
+    def abort(self) -> None:
+        """Drop the upstream connection now (the client went away): the peer sees it."""
+        self.conn.close()
+        self.lost(None)
 
     def _finish(self, outcome: str, at_boundary: bool = False) -> None:
-        if not self.done.done():
-            self.done.set_result(Spliced(outcome, self.status, self.keep_alive, at_boundary))
+        """Record how it ended (the first outcome counts); _tell passes it on once the bytes
+        that go with it are written."""
+        if self.result is None:
+            self.result = Spliced(outcome, self.status, self.keep_alive, at_boundary)
+
+    def _tell(self) -> None:
+        watcher, self.watcher = self.watcher, None
+        if watcher is not None and self.result is not None:
+            watcher.on_done(self.result)
 
     def feed(self, data: bytes) -> None:
-        if self.done.done():
-            return
+        if self.result is None:
+            self._feed(data)
+            if self.result is not None:
+                self._tell()
+
+    def _feed(self, data: bytes) -> None:
         self.received += len(data)
         try:
             out = b""  # the rewritten head, written with the body that came with it
             if not self.started:
-                self.head += data
-                end = self.head.find(b"\r\n\r\n")
+                if self.head:
+                    data = self.head + data
+                end = data.find(b"\r\n\r\n")
                 if end < 0:
-                    if len(self.head) > HEAD_MAX:
+                    if len(data) > HEAD_MAX:
                         raise UpstreamError(f"response head over {HEAD_MAX} bytes")
+                    self.head = data
                     return
-                head, data = bytes(self.head[:end + 4]), bytes(self.head[end + 4:])
-                self.head = bytearray()
-                out = self._start(head)
-                if self.done.done():  # refused (retry), or a head-only answer
+                self.head = b""
+                out = self._start(data[:end + 4])
+                data = data[end + 4:]
+                if self.result is not None:  # refused (retry), or a head-only answer
                     if out:
                         self.out.write(out)
                     return
@@ -265,7 +288,7 @@ class _Splice:
                     raise UpstreamError("chunk framing line too long")
                 return -1
             line = (bytes(self.line) + data[i:j]).rstrip(b"\r")
-            self.line = bytearray()
+            self.line = b""
             i = j + 1
             if self.trailer:
                 if not line:
@@ -282,8 +305,11 @@ class _Splice:
 
     def lost(self, exc: Exception | None) -> None:
         """The upstream closed or broke."""
-        if self.done.done():
-            return
+        if self.result is None:
+            self._lost()
+        self._tell()
+
+    def _lost(self) -> None:
         self.keep_alive = False
         if not self.started:
             self._finish("stale" if self.received == 0 else "failed")

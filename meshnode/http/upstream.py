@@ -329,7 +329,7 @@ class Upstream:
         return conn
 
     async def request(self, method: str, base: str, path: str, body: bytes = b"",
-                      headers: Mapping[str, str] | None = None) -> UpstreamResponse:
+                      headers: Mapping[str, str] | bytes | None = None) -> UpstreamResponse:
         """Send one request to `base` (an address as above) and read the answer's head.
 
         UpstreamError when the upstream cannot be reached or breaks off before its head."""
@@ -389,9 +389,14 @@ class Upstream:
 
 
 def encode_request(method: str, base: str, path: str, body: bytes,
-                    headers: Mapping[str, str] | None) -> bytes:
+                   headers: Mapping[str, str] | bytes | None) -> bytes:
+    """A request's bytes. `headers` as a mapping (checked for line breaks), or as header
+    lines already encoded, each ending in CRLF (the caller vouches for them)."""
     host = "localhost" if base.startswith("unix:") else base.partition("://")[2]
-    head = [f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n"]
+    start = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n"
+    if isinstance(headers, bytes):
+        return start.encode("latin-1") + headers + b"\r\n" + body
+    head = [start]
     for k, v in (headers or {}).items():
         if "\r" in v or "\n" in v or "\r" in k or "\n" in k:
             raise ValueError(f"header {k!r} contains a line break")

@@ -405,20 +405,15 @@ class Node:
 
     def view(self, name: str) -> DeploymentView:
         """The deployment as the cluster runs it: every replica on a live member, ours too."""
-        return self._view(self._get(name), *self._placed())
+        return self.views([self._get(name)])[0]
 
-    def views(self) -> list[DeploymentView]:
-        members, where = self._placed()  # once for all: place() covers the whole table
-        return [self._view(d, members, where) for d in self.deployments.all()]
-
-    def _placed(self) -> tuple[dict[str, NodeMeta], dict[str, placement.Placed]]:
+    def views(self, table: list[Deployment] | None = None) -> list[DeploymentView]:
+        """Those of `table` (default: all), placed once for all (place() covers the table)."""
         members = self._placement_view()
-        return members, placement.place(self.deployments.all(), members)
-
-    def _view(self, d: Deployment, members: dict[str, NodeMeta],
-              where: dict[str, placement.Placed]) -> DeploymentView:
-        return deployment_view(d, members, self.node_id, self.replicas.get(d.name),
-                               where[d.name], self.abilities(d.name))
+        where = placement.place(self.deployments.all(), members)
+        return [deployment_view(d, members, self.node_id, self.replicas.get(d.name),
+                                where[d.name], self.abilities(d.name))
+                for d in (self.deployments.all() if table is None else table)]
 
     def abilities(self, name: str) -> tuple[str, ...]:
         """What deployment `name` serves (chat, completion, embed, rerank); ModelNotFound."""
@@ -444,6 +439,10 @@ class Node:
         `prefix`: a generative request, routed by its prefix's assignment. ModelNotFound for
         an unknown deployment; ModelUnavailable (or ModelFailed) when none is ready."""
         self._get(name)
+        local = self.replicas.get(name)
+        sole = self.peers.sole(name) if local is None or local.state != "ready" else None
+        if sole is not None:  # one peer holds it: nothing to choose (no cap: no next try)
+            return [sole], 0, sole.node_id
         holders, local = self._holders(name)
         if not holders:
             if local is not None:

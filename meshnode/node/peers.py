@@ -126,6 +126,16 @@ class PeerView:
         return holders
 
 
+    def sole(self, name: str) -> Target | None:
+        """The peer holding the only ready replica of `name` (as holders() sees them), or
+        None: no peer or several."""
+        holders = self.holders(name)
+        if len(holders) == 1:
+            for target, _, _ in holders.values():
+                return target
+        return None
+
+
 @functools.lru_cache(maxsize=_CACHE_MAX)  # a peer's load bytes repeat until its load changes
 def _decode_load(load: bytes) -> NodeLoad:
     try:

@@ -59,6 +59,15 @@ async def _peer(name: str, seen: dict[str, Any], *, status: int = 200,
     async def complete(request: web.Request) -> web.StreamResponse:
         seen.setdefault(name, []).append(request.headers.get("X-Meshnode-Hop"))
         body = await request.json()
+        if body.get("x_bytes"):  # a large answer, its progress recorded
+            resp = web.StreamResponse(headers={"X-Served-By": name})
+            await resp.prepare(request)
+            chunk = b"x" * 65536
+            for _ in range(int(body["x_bytes"]) // len(chunk)):
+                await resp.write(chunk)  # waits while the connection is above its high mark
+                seen[f"{name} wrote"] = seen.get(f"{name} wrote", 0) + len(chunk)
+            await resp.write_eof()
+            return resp
         if body.get("stream"):
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                "X-Served-By": name})
@@ -237,3 +246,37 @@ async def test_a_forwarded_request_is_served_here_with_its_cap(
             assert resp.status == status
             assert said in (await resp.json())["error"]["message"]
     assert "good" not in world["seen"]
+
+
+@pytest.mark.parametrize("pooled", [True, False], ids=["without-task", "task"])
+async def test_a_slow_client_pauses_the_peer_and_then_gets_every_byte(
+        world: dict[str, Any], pooled: bool) -> None:
+    """Backpressure through a splice: while the client reads nothing, the entry stops
+    reading the peer, so the peer stalls with most of the answer unsent (rather than the
+    entry buffering it all); once the client reads, every byte arrives. With an idle pooled
+    connection the front splices without a task; without one, a task connects first."""
+    _targets(world, "good")
+    if pooled:
+        async with aiohttp.ClientSession() as s:
+            assert (await _post(s, world))[0] == 200
+    total = 96 * 1024 * 1024  # well above what the sockets between them can hold
+    host, _, port = world["url"].removeprefix("http://").rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = json.dumps({**BODY, "x_bytes": total}).encode()
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                 b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    seen, last = world["seen"], -1
+    async with asyncio.timeout(30):
+        while (wrote := seen.get("good wrote", 0)) != last or not wrote:
+            last = wrote  # poll until the peer's progress stops
+            await asyncio.sleep(0.3)
+    assert last < total // 2, f"the peer sent {last} of {total} bytes to a client reading none"
+    async with asyncio.timeout(60):
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
+        received = 0
+        while (size := int((await reader.readline()).strip(), 16)) > 0:
+            received += len(await reader.readexactly(size + 2)) - 2
+    assert received == total == seen["good wrote"]
+    assert len(world["app"][forward.FORWARD_UPSTREAM]._idle[world["urls"]["good"]]) == 1
+    writer.close()
