@@ -88,8 +88,8 @@ def _begin(pool: Upstream, base: str, conn: _Conn, data: bytes, out: asyncio.Tra
                              and not check(transport.get_extra_info("ssl_object"))):
         conn.close()
         return None
+    transport.write(data)  # first: the answer cannot arrive before this returns to the loop
     started = conn.splice = Splice(pool, base, conn, out, extra_head, retry_503, watcher)
-    transport.write(data)
     return started
 
 

@@ -181,9 +181,11 @@ class Router:
             order = assignment.orders.get(pid)  # fixed while the assignment is
             if order is None:
                 order = assignment.order(pid, ring.order(pid_bytes(pid)))
-        first = ring.choose_in(order, known, self.load_factor, self.min_capacity, total)
-        return Plan([first, *(n for n in order if n != first)],
-                    ring.capacity(total, self.load_factor, self.min_capacity), order[0])
+        # Ring.choose_in's rule, with the capacity computed once: the first node of the walk
+        # under it (one always is: `total` >= the sum of `known`, c >= 1).
+        cap = bounded_capacity(total, len(known), self.load_factor, self.min_capacity)
+        first = next((n for n in order if known[n] < cap), order[0])
+        return Plan([first, *(n for n in order if n != first)], cap, order[0])
 
     def claims(self, name: str, key: bytes, me: str, ledgers: Mapping[str, bytes]) -> bool:
         """Whether replica `me` of `name` should add the prefix of `key`, which it is serving,
