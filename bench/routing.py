@@ -12,7 +12,12 @@ Each request is a 1-token completion (max_tokens=1) with the same prompt. Added 
 path = its p50 (p99) minus direct's; also the median of the per-round paired differences,
 which cancels most of the drift of a shared machine.
 
-    python bench/routing.py [--rounds 200]
+With `--replicas N` (N >= 2) the deployment has N replicas on N holders and the entry is
+one more node: it routes by the prompt's prefix among them (the ring, the prefix
+assignment, bounded loads), so the mesh path also pays for choosing; the prompt is fixed,
+so every request belongs to one holder, which `direct` and nginx call.
+
+    python bench/routing.py [--rounds 200] [--replicas 1]
 
 Targets: mesh p50 added <= 1 ms and <= 2x nginx's added p50. Needs nginx (Debian:
 apt-get install -y nginx); without it the nginx column is skipped.
@@ -125,25 +130,39 @@ async def measure(paths: dict[str, str], rounds: int, holder: str) -> dict[str, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--replicas", type=int, default=1)
     args = parser.parse_args()
+    if args.replicas < 1:
+        parser.error("--replicas must be >= 1")
     tmp = Path(tempfile.mkdtemp(prefix="meshnode-bench-"))
     nodes: list[NodeProcess] = []
     nginx = None
     try:
-        nodes.append(NodeProcess(tmp / "a", "--name", "a", "--mesh-preset", "local"))
-        nodes.append(NodeProcess(tmp / "b", "--name", "b", "--mesh-preset", "local",
-                                 "--join", nodes[0].gossip))
-        by_name = {"a": nodes[0], "b": nodes[1]}
-        req = json.dumps({"model": MODEL}).encode()
+        names = [chr(ord("a") + i) for i in range(max(2, args.replicas + 1))]
+        for name in names:
+            nodes.append(NodeProcess(tmp / name, "--name", name, "--mesh-preset", "local",
+                                     *(("--join", nodes[0].gossip) if nodes else ())))
+        by_name = dict(zip(names, nodes, strict=True))
+        launch = {"model": MODEL, "replicas": args.replicas}
+        if args.replicas > 1:  # the last node is the entry
+            launch["nodes"] = names[:args.replicas]
         import urllib.request
         urllib.request.urlopen(urllib.request.Request(
-            nodes[0].url + "/v1/deployments", data=req, method="POST",
-            headers={"Content-Type": "application/json"}), timeout=60).read()
+            nodes[0].url + "/v1/deployments", data=json.dumps(launch).encode(),
+            method="POST", headers={"Content-Type": "application/json"}), timeout=60).read()
         for n in nodes:
             n.wait_ready(MODEL, timeout_s=300)
-        holder = next(p["node"] for p in get_json(nodes[0].url + f"/v1/deployments/{MODEL}")
-                      ["placed"] if p["state"] == "ready")
-        entry = "b" if holder == "a" else "a"
+        deadline = time.monotonic() + 60
+        while len(ready := [p["node"] for p in get_json(
+                nodes[-1].url + f"/v1/deployments/{MODEL}")["placed"]
+                if p["state"] == "ready"]) < args.replicas:
+            assert time.monotonic() < deadline, "replicas not ready"
+            time.sleep(0.2)
+        entry = next(n for n in names if n not in ready)
+        with urllib.request.urlopen(urllib.request.Request(
+                by_name[entry].url + "/v1/completions", data=json.dumps(BODY).encode(),
+                headers={"Content-Type": "application/json"}), timeout=60) as resp:
+            holder = resp.headers["X-Served-By"]  # the prompt's replica
         paths = {"direct": by_name[holder].url, "mesh": by_name[entry].url}
         nginx, nginx_url = start_nginx(by_name[holder].url.removeprefix("http://"), tmp)
         if nginx is not None:
@@ -161,7 +180,8 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     direct = times["direct"]
-    result: dict[str, object] = {"bench": "routing", "rounds": args.rounds}
+    result: dict[str, object] = {"bench": "routing", "rounds": args.rounds,
+                                 "replicas": args.replicas}
     for name, xs in times.items():
         result[f"{name}_p50_ms"] = round(pct(xs, 0.5), 3)
         result[f"{name}_p99_ms"] = round(pct(xs, 0.99), 3)

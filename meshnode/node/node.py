@@ -436,13 +436,17 @@ class Node:
               ) -> tuple[list[Target], int, str]:
         """The nodes to try for a request to deployment `name` with routing `key`, in order,
         the load cap each try but the last carries, and the owner's node id (Router.plan);
-        `prefix`: a generative request, routed by its prefix's assignment. ModelNotFound for
-        an unknown deployment; ModelUnavailable (or ModelFailed) when none is ready."""
+        `prefix`: a generative request, routed by its prefix's assignment. ModelNotFound,
+        or ModelUnavailable (or ModelFailed) when no replica is ready."""
         self._get(name)
         local = self.replicas.get(name)
-        sole = self.peers.sole(name) if local is None or local.state != "ready" else None
-        if sole is not None:  # one peer holds it: nothing to choose (no cap: no next try)
-            return [sole], 0, sole.node_id
+        if local is None or local.state != "ready":  # peers only: their gossiped view as is
+            peers = self.peers.routing(name)
+            if peers.sole is not None:  # nothing to choose (no cap: there is no next try)
+                return [peers.sole], 0, peers.sole.node_id
+            if peers.targets:
+                plan = self.router.plan(name, key, peers.loads, peers.ledgers if prefix else None)
+                return [peers.targets[n] for n in plan.order], plan.cap, plan.owner
         holders, local = self._holders(name)
         if not holders:
             if local is not None:
@@ -457,8 +461,7 @@ class Node:
 
     def _holders(self, name: str) -> tuple[dict[str, tuple[Target, int, bytes]], Replica | None]:
         """Ready holders of `name` (node id -> Target, load, packed prefixes); our replica."""
-        holders = dict(self.peers.holders(name))
-        local = self.replicas.get(name)
+        holders, local = dict(self.peers.holders(name)), self.replicas.get(name)
         if local is not None and local.state == "ready":
             ours = self.peers.own_prefixes(name, self.prefixes.packed(name))  # as others see
             holders[self.node_id] = (Target(self.node_id, self.name, "", True),

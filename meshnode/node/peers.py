@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
+from types import MappingProxyType
+from typing import NamedTuple
 
 import msgspec
 
@@ -19,7 +21,7 @@ from meshnode.mesh import MemberState
 from .cluster import Cluster, NodeLoad, NodeMeta
 from .security import ClusterSecurity
 
-__all__ = ["HOLDERS_TTL_S", "PLACEMENT_STATES", "PeerView", "Target"]
+__all__ = ["HOLDERS_TTL_S", "PLACEMENT_STATES", "PeerView", "Routing", "Target"]
 
 HOLDERS_TTL_S = 0.05
 """How long a deployment's list of ready peers and their gossiped loads is reused."""
@@ -42,6 +44,19 @@ class Target(msgspec.Struct, frozen=True):
     local: bool
 
 
+class Routing(NamedTuple):
+    """The ready peer holders of a deployment, split the way Router.plan takes them."""
+
+    targets: dict[str, Target]
+    loads: dict[str, int]
+    """Each holder's gossiped in-flight count for the deployment."""
+    ledgers: MappingProxyType[str, bytes]
+    """Each holder's packed prefix ids for the deployment (read-only: the router may reuse
+    what it computed from the same object)."""
+    sole: Target | None
+    """The holder when there is exactly one."""
+
+
 class PeerView:
     """The other members as this node sees them (see the module docstring)."""
 
@@ -52,7 +67,8 @@ class PeerView:
         self._security = security
         self._metas: dict[bytes, NodeMeta | None] = {}
         # deployment -> (valid until, {peer id: (Target, gossiped in-flight, packed ids)})
-        self._holders: dict[str, tuple[float, dict[str, tuple[Target, int, bytes]]]] = {}
+        self._holders: dict[str, tuple[float, dict[str, tuple[Target, int, bytes]],
+                                       Routing]] = {}
 
     def decode_meta(self, data: bytes) -> NodeMeta | None:
         try:
@@ -112,28 +128,30 @@ class PeerView:
         HOLDERS_TTL_S: gossip refreshes them no faster (loads ride on probes and acks), a
         holder that died meanwhile fails at connect and the next one is tried, and this
         node's own in-flight counts (Router.forwarded) stay live on top."""
+        return self._cached(name)[1]
+
+    def routing(self, name: str) -> Routing:
+        """holders(name) as Router.plan takes them, built once per holders() list (the
+        dicts are the same objects while it is reused, which the router's caches use)."""
+        return self._cached(name)[2]
+
+    def _cached(self, name: str) -> tuple[float, dict[str, tuple[Target, int, bytes]], Routing]:
         now = time.monotonic()
         cached = self._holders.get(name)
         if cached is not None and cached[0] > now:
-            return cached[1]
+            return cached
         holders = {node_id: (Target(node_id, meta.name, self.url(meta), False),
                              replica_in_flight(load, name), dict(meta.prefixes).get(name, b""))
                    for node_id, meta, load in self.peers(PLACEMENT_STATES)
                    if (name, "ready") in meta.replicas}
+        targets = {n: h[0] for n, h in holders.items()}
+        routing = Routing(targets, {n: h[1] for n, h in holders.items()},
+                          MappingProxyType({n: h[2] for n, h in holders.items()}),
+                          next(iter(targets.values())) if len(targets) == 1 else None)
         if len(self._holders) > _CACHE_MAX:
             self._holders.clear()
-        self._holders[name] = (now + HOLDERS_TTL_S, holders)
-        return holders
-
-
-    def sole(self, name: str) -> Target | None:
-        """The peer holding the only ready replica of `name` (as holders() sees them), or
-        None: no peer or several."""
-        holders = self.holders(name)
-        if len(holders) == 1:
-            for target, _, _ in holders.values():
-                return target
-        return None
+        cached = self._holders[name] = (now + HOLDERS_TTL_S, holders, routing)
+        return cached
 
 
 @functools.lru_cache(maxsize=_CACHE_MAX)  # a peer's load bytes repeat until its load changes

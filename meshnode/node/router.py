@@ -50,6 +50,7 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 from typing import NamedTuple
 
 import msgspec
@@ -135,8 +136,9 @@ class Router:
         answered."""
         self._rings: dict[tuple[str, frozenset[str]], Ring] = {}
         self._pids: dict[bytes, int] = {}  # recent routing key -> prefix id
-        # deployment -> (ready set, ledgers), the assignment computed from them
-        self._assigned: dict[str, tuple[object, Assignment]] = {}
+        # deployment -> (ready set and ledgers, the ledgers and ring objects they came in,
+        # the assignment computed from them)
+        self._assigned: dict[str, tuple[object, Mapping[str, bytes], Ring, Assignment]] = {}
 
     def ring(self, name: str, nodes: frozenset[str]) -> Ring:
         key = (name, nodes)
@@ -225,14 +227,18 @@ class Router:
     def _assignment(self, name: str, ring: Ring, ledgers: Mapping[str, bytes]) -> Assignment:
         """The assignment for `name` over `ring` from the gossiped `ledgers`, recomputed only
         when they changed."""
-        state = (ring.nodes, tuple(sorted(ledgers.items())))
         cached = self._assigned.get(name)
+        if cached is not None and cached[1] is ledgers and cached[2] is ring \
+                and type(ledgers) is MappingProxyType:
+            return cached[3]  # the same read-only gossiped view (peers.Routing) as last time
+        state = (ring.nodes, tuple(sorted(ledgers.items())))
         if cached is not None and cached[0] == state:
-            return cached[1]
+            self._assigned[name] = (state, ledgers, ring, cached[3])
+            return cached[3]
         assignment = assign(ring, {n: unpack(ledgers.get(n, b"")) for n in ring.nodes})
         if len(self._assigned) >= _RING_CACHE:
             self._assigned.clear()
-        self._assigned[name] = (state, assignment)
+        self._assigned[name] = (state, ledgers, ring, assignment)
         return assignment
 
     @contextlib.contextmanager

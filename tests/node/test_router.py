@@ -175,3 +175,28 @@ def test_one_replica_takes_every_request_with_the_ring_formula_for_its_cap() -> 
         plan = router.plan("dep", b"k", {"n1": load}, {} if load % 2 else None, local)
         assert plan.order == ["n1"] and plan.owner == "n1"
         assert plan.cap == Ring(["n1"]).capacity(total, 1.25, 2)
+
+
+def test_a_plan_reuses_the_assignment_only_for_the_same_read_only_ledgers() -> None:
+    """An entry node routes from its peers' gossiped view, a read-only mapping reused for
+    HOLDERS_TTL_S (peers.Routing): the assignment computed from it is reused as long as it is
+    the same object. A plain dict is compared by content, so one changed in place is seen."""
+    from types import MappingProxyType
+
+    from meshnode.node.prefixes import pid_bytes, prefix_id
+
+    router = Router()
+    key = b"m\0" + b"a system prompt"
+    pid = prefix_id(key)
+    loads = {"a": 0, "b": 0}
+    view = MappingProxyType({"a": b"", "b": pid_bytes(pid)})
+    first = router.plan("m", key, loads, view)
+    assert first.owner == "b"  # the replica that advertises the prefix
+    assert router.plan("m", key, loads, view) == first
+    assigned = router._assigned["m"][3]
+    router.plan("m", key, loads, view)
+    assert router._assigned["m"][3] is assigned  # reused, not recomputed
+    plain = {"a": b"", "b": pid_bytes(pid)}
+    assert router.plan("m", key, loads, plain).owner == "b"
+    plain["a"], plain["b"] = pid_bytes(pid), b""  # the prefix moved, in the same dict
+    assert router.plan("m", key, loads, plain).owner == "a"
