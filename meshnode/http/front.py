@@ -7,9 +7,9 @@ idle pooled connection is spliced there without a task (`_splice_now`): the peer
 (what it asks, whether the deployment serves the route) and refuses it exactly as this node
 would, so only one node does that work. Otherwise, once it is checked here and names a
 deployment that serves the route, a task calls passthrough.dispatch with a Sink that writes
-straight to the socket. The signed
-cluster's internal listener (mTLS) starts at a front too: there every request was forwarded by
-a peer, whose certificate is checked on each request (else hand-over: internal.py answers 403).
+straight to the socket. The signed cluster's internal listener (mTLS) starts at a front too:
+there every request was forwarded by a peer, whose certificate is checked on each request (else
+hand-over: internal.py answers 403).
 
 Anything else is handed over: another route, a malformed, oversized or unauthenticated request,
 a chunked upload, HTTP/1.0, `Expect`, `Upgrade`, a query string, a head over HEAD_MAX. The
@@ -22,14 +22,14 @@ the app. A hand-over happens only between requests (nothing of the current one a
 Why: on the 2-core test machine, aiohttp's server costs ~0.25 ms of CPU per request before any
 handler runs, and forwarding through it added 1.1-1.3 ms where nginx adds 0.3 ms
 (bench/routing.py). On that machine each line of Python the forwarding path runs costs about
-0.7 us (the interpreter runs cold between two engine processes on 2 cores): a bare uvloop
-proxy adds less than nginx, and the time forwarding adds tracks the lines run per request
-(in December 2026, ~285 lines of meshnode code per forwarded request: 2.1x nginx's added
-latency; ~220 after the splice path was made lean: 1.8x). Keep a line off this path when it can run elsewhere. Keep-alive: a connection
-idle for KEEPALIVE_S is closed, as aiohttp does.
-A client that goes away cancels the task answering it (as aiohttp's handler_cancellation),
-which closes the upstream connection. Responses are written as the upstream gives them;
-`write` waits while the socket is above its high-water mark (backpressure).
+0.7 us (the interpreter runs cold between two engine processes on 2 cores): a bare uvloop proxy
+adds less than nginx, and the time forwarding adds tracks the lines run per request (in
+December 2026, ~285 lines of meshnode code per forwarded request: 2.1x nginx's added latency;
+~220 after the splice path was made lean: 1.8x). Keep a line off this path when it can run
+elsewhere. Keep-alive: a connection idle for KEEPALIVE_S is closed, as aiohttp does. A client
+that goes away cancels the task answering it (as aiohttp's handler_cancellation), which closes
+the upstream connection. Responses are written as the upstream gives them; `write` waits while
+the socket is above its high-water mark (backpressure).
 """
 
 from __future__ import annotations
