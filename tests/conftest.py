@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -73,13 +74,15 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str,
 class NodeProcess:
     """A real `meshnode start` process on 127.0.0.1 with a free port."""
 
-    def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None,
+                 wrap: tuple[str, ...] = ()) -> None:
+        """`wrap`: a command that runs the node (e.g. `unshare ... --`), given its argv."""
         self.data_dir = data_dir
         self.log_path = data_dir.parent / f"{data_dir.name}.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "meshnode", "start", "--http-port", "0", "--gossip-port", "0",
-             "--data-dir", str(data_dir), "--log-format", "json", *args],
+            [*wrap, sys.executable, "-m", "meshnode", "start", "--http-port", "0",
+             "--gossip-port", "0", "--data-dir", str(data_dir), "--log-format", "json", *args],
             stdout=subprocess.PIPE, stderr=self._log, env={**os.environ, **(env or {})})
         self.gossip = ""
         self.url = self._read_url()
@@ -243,3 +246,13 @@ def openai_spec() -> OpenAISpec:
     if not SPEC_PATH.is_file():
         pytest.skip(f"OpenAI spec not found at {SPEC_PATH}")
     return OpenAISpec(SPEC_PATH)
+
+
+def write_gguf(path: Path, **meta: str) -> Path:
+    """A GGUF header holding only string key-values (enough for find_spec)."""
+    out = bytearray(b"GGUF" + struct.pack("<IQQ", 3, 0, len(meta)))
+    for key, value in meta.items():
+        k, v = key.encode(), value.encode()
+        out += struct.pack("<Q", len(k)) + k + struct.pack("<IQ", 8, len(v)) + v
+    path.write_bytes(bytes(out))
+    return path

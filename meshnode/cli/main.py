@@ -67,7 +67,10 @@ def _start(args: argparse.Namespace) -> int:
 
 def _launch(args: argparse.Namespace) -> int:
     client = AdminClient(args.endpoint)
-    body: dict[str, object] = {"model": args.model, "replicas": args.replicas}
+    model = args.model
+    if model.endswith(".gguf") or "/" in model:  # a path means the caller's cwd and home
+        model = str(Path(model).expanduser().absolute())
+    body: dict[str, object] = {"model": model, "replicas": args.replicas}
     if args.name:
         body["name"] = args.name
     if args.engine:

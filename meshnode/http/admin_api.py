@@ -3,6 +3,7 @@ node-to-node deployment table that peers pull to stay in sync."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import msgspec
@@ -10,7 +11,8 @@ from aiohttp import web
 
 from meshnode import __version__
 from meshnode.engines import InvalidRequest, decode_request
-from meshnode.node import CATALOGUE, INTERNAL_DEPLOYMENTS_PATH, LaunchRequest, UpdateRequest
+from meshnode.node import (CATALOGUE, INTERNAL_DEPLOYMENTS_PATH, INTERNAL_MODEL_FILE_PATH,
+                           InvalidDeployment, LaunchRequest, UpdateRequest, local_file_spec)
 
 from .keys import NODE
 
@@ -97,6 +99,17 @@ async def internal_deployments(request: web.Request) -> web.Response:
     """Node to node: the whole deployment table, tombstones included (msgpack), for sync."""
     return web.Response(body=request.app[NODE].deployment_entries(),
                         content_type="application/msgpack")
+
+
+@routes.get(INTERNAL_MODEL_FILE_PATH)
+async def internal_model_file(request: web.Request) -> web.Response:
+    """Node to node: the spec of the .gguf file at absolute path `?path=` on this node (a
+    launch from a node without it); 404 if there is none."""
+    path = request.query.get("path", "")
+    if not path:
+        raise InvalidDeployment("give the file's absolute path: ?path=/models/x.gguf",
+                                param="path")
+    return _json(await asyncio.to_thread(local_file_spec, path))
 
 
 @routes.get("/health")

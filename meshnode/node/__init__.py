@@ -17,6 +17,7 @@ from .errors import (
     ReplicaBusy,
 )
 from .keys import INTERNAL_KEYS_PATH, ApiKey, CreateKeyRequest, KeyStore, KeyTable, new_key
+from .model_files import INTERNAL_MODEL_FILE_PATH, local_file_spec
 from .node import DeploymentView, Node, NodeState
 from .peers import Target
 from .replicas import Replica, ReplicaStatus
@@ -35,6 +36,7 @@ __all__ = [
     "INTERNAL_REVOCATION_PATH",
     "ClusterSecurity",
     "INTERNAL_KEYS_PATH",
+    "INTERNAL_MODEL_FILE_PATH",
     "ApiKey",
     "CreateKeyRequest",
     "KeyStore",
@@ -61,6 +63,7 @@ __all__ = [
     "is_loopback",
     "load_config",
     "load_security",
+    "local_file_spec",
     "response_ssl_object",
     "request_key",
     "locate",

@@ -86,6 +86,10 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True):
     size_mb: int = 0
     """The model's size as the launching node saw it (catalogue, or the file's size), so
     every node budgets the same RAM for a replica, whether or not it has the file."""
+    abilities: tuple[str, ...] = ()
+    """What the model serves (chat, completion, embed, rerank) as the launching node read it,
+    so a node without the file (a model given by path) lists it right; () for a deployment
+    written before this field: each node then reads its own copy of the file."""
 
     @property
     def shape(self) -> tuple[object, ...]:
@@ -96,13 +100,13 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True):
     def new(cls, *, name: str, model: str, engine: str, replicas: int,
             chat_template: str | None, context_length: int, origin: str,
             nodes: tuple[str, ...] = (), labels: tuple[str, ...] = (), min_ram_mb: int = 0,
-            size_mb: int = 0) -> "Deployment":
+            size_mb: int = 0, abilities: tuple[str, ...] = ()) -> "Deployment":
         now = time.time_ns()
         return cls(name=name, model=model, engine=engine, replicas=replicas,
                    chat_template=chat_template, context_length=context_length,
                    created=now // 1_000_000_000, version=now, origin=origin,
                    nodes=tuple(sorted(set(nodes))), labels=tuple(sorted(set(labels))),
-                   min_ram_mb=min_ram_mb, size_mb=size_mb)
+                   min_ram_mb=min_ram_mb, size_mb=size_mb, abilities=abilities)
 
     def updated(self, change: UpdateRequest, origin: str) -> "Deployment":
         """This deployment with `change`'s fields (those not None), as a newer version."""

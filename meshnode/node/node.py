@@ -46,6 +46,7 @@ from .errors import (
     ReplicaBusy,
 )
 from .keysync import NodeKeys
+from .model_files import find_spec_anywhere
 from .peers import PLACEMENT_STATES, PeerView, Target
 from .replicas import Replica
 from .prefixes import PrefixLedger
@@ -91,8 +92,8 @@ class Node:
         self.router = Router()
         self.prefixes = PrefixLedger()
         """The prompt prefixes each local replica served lately, gossiped for routing."""
-        ssl_context = security.client_context() if security is not None else None
-        verify = self.verify_peer_tls if security is not None else None
+        self._peer_ssl = ssl_context = security.client_context() if security else None
+        self._peer_verify = verify = self.verify_peer_tls if security else None
         self.sync = DeploymentSync(self.deployments, self._table_changed,
                                    ssl_context=ssl_context, verify=verify)
         self.revocation_sync: TableSync | None = None
@@ -337,7 +338,8 @@ class Node:
 
     async def launch(self, request: LaunchRequest) -> DeploymentView:
         """Validate (model, name, an engine some live node has), write it, let placement go."""
-        spec = find_spec(request.model)
+        spec = await find_spec_anywhere(request.model, self.peers.contacts(),
+                                        ssl_context=self._peer_ssl, verify=self._peer_verify)
         name = request.name or spec.name
         if not valid_name(name):
             raise InvalidDeployment(
@@ -353,10 +355,12 @@ class Node:
                 raise DeploymentExists(f"a deployment named {name!r} already exists: stop it "
                                        "first, or launch with another name")
             deployment = Deployment.new(
-                name=name, model=request.model if spec.family == "local" else spec.name,
+                name=name, model=spec.name if spec.family != "local" else
+                str(Path(request.model).expanduser().absolute()),  # the same on every node
                 engine=engine, replicas=request.replicas, chat_template=request.chat_template,
                 context_length=context, origin=self.name, nodes=request.nodes,
-                labels=request.labels, min_ram_mb=request.min_ram_mb, size_mb=spec.size_mb)
+                labels=request.labels, min_ram_mb=request.min_ram_mb, size_mb=spec.size_mb,
+                abilities=spec.abilities)
             old = self.deployments.entry(name)
             if old is not None and old.version >= deployment.version:  # clock behind a peer
                 deployment = msgspec.structs.replace(deployment, version=old.version + 1)
@@ -424,7 +428,8 @@ class Node:
         cached = self._abilities.get(name)
         if cached is not None and cached[0] == d.version:
             return cached[1]  # a model given by path is not re-read on every request
-        abilities = tuple(deployment_spec(d.model, d.name, d.context_length).abilities)
+        abilities = d.abilities or tuple(
+            deployment_spec(d.model, d.name, d.context_length).abilities)
         if d.chat_template and "chat" not in abilities:
             abilities += ("chat",)
         if len(self._abilities) > 1024:

@@ -108,6 +108,11 @@ class PeerView:
         meta = self.decode_meta(cluster.gossiped_meta) if cluster is not None else None
         return live if meta is None else dict(meta.prefixes).get(name, b"")
 
+    def contacts(self) -> list[tuple[str, str, str]]:
+        """(name, node-to-node URL, node id) of every alive peer."""
+        return [(meta.name, self.url(meta), node_id)
+                for node_id, meta, _ in self.peers((MemberState.ALIVE,))]
+
     def url(self, meta: NodeMeta) -> str:
         """Base URL for node-to-node calls to a peer: its internal mTLS listener in a signed
         cluster, its public API in an open one."""

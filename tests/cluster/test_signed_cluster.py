@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import NodeProcess, get_json, needs_llama, wait_for
+from conftest import NodeProcess, get_json, needs_llama, wait_for, write_gguf
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
@@ -161,6 +161,20 @@ def test_public_listener_serves_no_internal_routes(cluster: dict[str, NodeProces
     assert status == 404
     status, _, _ = call(cluster["a"].url + "/internal/v1/revocation")
     assert status == 404
+
+
+def test_a_path_lookup_asks_the_peers_over_mtls(cluster: dict[str, NodeProcess],
+                                                tmp_path: Path) -> None:
+    """A launch by a path this node lacks asks b and c on their mTLS listeners: both answer
+    (404: not there either), so none is reported as silent."""
+    status, _, body = call(cluster["a"].url + "/v1/deployments", "POST",
+                           json.dumps({"model": "/nowhere/x.gguf"}).encode(),
+                           {"Content-Type": "application/json"})
+    assert status == 404, body
+    message = json.loads(body)["error"]["message"]
+    assert "is not on this node nor on b, c:" in message, message
+    there = write_gguf(tmp_path / "x.gguf", **{"general.architecture": "llama"})
+    assert call(cluster["a"].url + f"/internal/v1/model-file?path={there}")[0] == 404
 
 
 def test_internal_listener_needs_a_client_certificate(pki: Pki,

@@ -18,6 +18,8 @@ import openai
 import pytest
 from conftest import NodeProcess, get_json, needs_llama, pid_alive
 
+from meshnode.node import CATALOGUE, locate
+
 CHAT = "smollm2-135m-instruct"
 pytestmark = [pytest.mark.e2e, needs_llama]
 
@@ -220,6 +222,16 @@ def test_cli_launch_ps_stop(own_node: NodeProcess) -> None:
     down = subprocess.run([sys.executable, "-m", "meshnode", "ps", "--endpoint",
                            "http://127.0.0.1:9"], capture_output=True, text=True)
     assert down.returncode == 1 and "cannot reach a node" in down.stderr
+    # A relative path means the caller's directory, not the node's: the CLI sends it whole.
+    here = own_node.data_dir.parent / "cli-cwd"
+    here.mkdir(exist_ok=True)
+    (here / "mine.gguf").symlink_to(locate(CATALOGUE[CHAT], here))
+    rel = subprocess.run([sys.executable, "-m", "meshnode", "launch", "mine.gguf", "--name",
+                          "cli-path", "--no-wait"], env=env, cwd=here, capture_output=True,
+                         text=True, timeout=120)
+    assert rel.returncode == 0, rel.stderr
+    assert get_json(own_node.url + "/v1/deployments/cli-path")["model"] == str(here / "mine.gguf")
+    assert run("stop", "cli-path").returncode == 0
 
 
 def test_engine_death_mid_stream_ends_stream_with_error(own_node: NodeProcess) -> None:

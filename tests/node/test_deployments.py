@@ -123,3 +123,20 @@ def test_an_update_changes_only_the_fields_it_names_as_a_newer_version() -> None
                 b'{"labels": ["x y"]}', b'{"min_ram_mb": -1}', b'{"replicas": null}'):
         with pytest.raises((InvalidDeployment, InvalidRequest)):
             decode_request(bad, UpdateRequest)
+
+
+def test_abilities_travel_with_the_entry_and_older_entries_decode_without_them() -> None:
+    """A node without a model's file (given by path) learns what it serves from the entry;
+    an entry written by an older node (no field) decodes with () and a newer field an older
+    decoder does not know is skipped."""
+    table = DeploymentTable()
+    table.put(dep("x", 1, abilities=("embed", "rerank")))
+    assert decode_entries(encode_entries(table))[0].abilities == ("embed", "rerank")
+    older = msgspec.msgpack.encode([{k: v for k, v in msgspec.to_builtins(dep("y", 1)).items()
+                                     if k != "abilities"}])
+    assert decode_entries(older)[0].abilities == ()
+
+    class Older(msgspec.Struct, kw_only=True):
+        name: str
+        model: str
+    assert msgspec.msgpack.decode(encode_entries(table), type=list[Older])[0].name == "x"
