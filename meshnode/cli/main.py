@@ -65,12 +65,17 @@ def _start(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_arg(model: str) -> str:
+    """A catalogue name as it is; a path made absolute from the caller's directory and home
+    (the node's own mean nothing to the user)."""
+    if model.endswith(".gguf") or "/" in model:
+        return str(Path(model).expanduser().absolute())
+    return model
+
+
 def _launch(args: argparse.Namespace) -> int:
     client = AdminClient(args.endpoint)
-    model = args.model
-    if model.endswith(".gguf") or "/" in model:  # a path means the caller's cwd and home
-        model = str(Path(model).expanduser().absolute())
-    body: dict[str, object] = {"model": model, "replicas": args.replicas}
+    body: dict[str, object] = {"model": _model_arg(args.model), "replicas": args.replicas}
     if args.name:
         body["name"] = args.name
     if args.engine:
@@ -219,8 +224,8 @@ def _members(args: argparse.Namespace) -> int:
 def _engines(args: argparse.Namespace) -> int:
     from urllib.parse import quote
     data = AdminClient(args.endpoint).request(
-        "GET", f"/v1/engines?model={quote(args.model)}")["data"]
-    rows = [[r["node"], r["engine"], "yes" if r["available"] else "no",
+        "GET", f"/v1/engines?model={quote(_model_arg(args.model))}")["data"]
+    rows = [[r["node"], r["engine"] or "-", "yes" if r["available"] else "no",
              "*" if r["default"] else "", r["reason"]] for r in data]
     print(table(["NODE", "ENGINE", "CAN RUN", "DEFAULT", "WHY NOT"], rows))
     return 0
@@ -327,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_update)
     p = client_parser("members", "list the nodes of the mesh as this node sees them")
     p.set_defaults(func=_members)
-    p = client_parser("engines", "which engines could run a model on the node asked, and why not")
+    p = client_parser("engines", "which engines could run a model on each live node, and why not")
     p.add_argument("model")
     p.set_defaults(func=_engines)
     p = client_parser("catalogue", "list the models this node knows")

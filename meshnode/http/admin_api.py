@@ -11,8 +11,9 @@ from aiohttp import web
 
 from meshnode import __version__
 from meshnode.engines import InvalidRequest, decode_request
-from meshnode.node import (CATALOGUE, INTERNAL_DEPLOYMENTS_PATH, INTERNAL_MODEL_FILE_PATH,
-                           InvalidDeployment, LaunchRequest, UpdateRequest, local_file_spec)
+from meshnode.node import (CATALOGUE, INTERNAL_DEPLOYMENTS_PATH, INTERNAL_ENGINES_PATH,
+                           INTERNAL_MODEL_FILE_PATH, InvalidDeployment, LaunchRequest,
+                           ModelNotFound, UpdateRequest, engine_rows, local_file_spec, unable)
 
 from .keys import NODE
 
@@ -66,15 +67,35 @@ async def catalogue(request: web.Request) -> web.Response:
     return _json({"object": "list", "data": list(CATALOGUE.values())})
 
 
-@routes.get("/v1/engines")
-async def engines(request: web.Request) -> web.Response:
-    """Which engines could run ?model=NAME, on each node (like Xinference's engine query)."""
+def _model_query(request: web.Request) -> str:
     model = request.query.get("model")
     if not model:
-        raise InvalidRequest("the model query parameter is required: /v1/engines?model=NAME",
-                             param="model")
-    return _json({"object": "list", "model": model,
-                  "data": request.app[NODE].engine_options(model)})
+        raise InvalidRequest(f"the model query parameter is required: {request.path}"
+                             "?model=NAME", param="model")
+    return model
+
+
+@routes.get("/v1/engines")
+async def engines(request: web.Request) -> web.Response:
+    """Which engines could run ?model=NAME on each live node (like Xinference's engine
+    query): this node's rows, then every peer's in name order (a node that has not the file
+    of a model given by path, or did not answer, has one row saying so)."""
+    node, model = request.app[NODE], _model_query(request)
+    try:
+        rows = node.engine_options(model)
+    except ModelNotFound as exc:
+        if not (model.endswith(".gguf") or "/" in model):
+            raise  # not a catalogue name nor a path: unknown everywhere
+        rows = [unable(node.name, str(exc))]
+    rows += await engine_rows(model, node.ask_peers)
+    return _json({"object": "list", "model": model, "data": rows})
+
+
+@routes.get(INTERNAL_ENGINES_PATH)
+async def internal_engines(request: web.Request) -> web.Response:
+    """Node to node: this node's rows for ?model= (404 if it has no such model)."""
+    return _json({"object": "list", "data": request.app[NODE].engine_options(
+        _model_query(request))})
 
 
 @routes.get("/v1/cluster/nodes")

@@ -17,7 +17,8 @@ from .errors import (
     ReplicaBusy,
 )
 from .keys import INTERNAL_KEYS_PATH, ApiKey, CreateKeyRequest, KeyStore, KeyTable, new_key
-from .model_files import INTERNAL_MODEL_FILE_PATH, local_file_spec
+from .peer_queries import (INTERNAL_ENGINES_PATH, INTERNAL_MODEL_FILE_PATH, engine_rows,
+                           local_file_spec, unable)
 from .node import DeploymentView, Node, NodeState
 from .peers import Target
 from .replicas import Replica, ReplicaStatus
@@ -35,6 +36,7 @@ __all__ = [
     "INTERNAL_DEPLOYMENTS_PATH",
     "INTERNAL_REVOCATION_PATH",
     "ClusterSecurity",
+    "INTERNAL_ENGINES_PATH",
     "INTERNAL_KEYS_PATH",
     "INTERNAL_MODEL_FILE_PATH",
     "ApiKey",
@@ -62,9 +64,11 @@ __all__ = [
     "find_spec",
     "is_loopback",
     "load_config",
+    "engine_rows",
     "load_security",
     "local_file_spec",
     "response_ssl_object",
     "request_key",
     "locate",
+    "unable",
 ]

@@ -46,7 +46,7 @@ from .errors import (
     ReplicaBusy,
 )
 from .keysync import NodeKeys
-from .model_files import find_spec_anywhere
+from .peer_queries import Answer, ask_peers, find_spec_anywhere
 from .peers import PLACEMENT_STATES, PeerView, Target
 from .replicas import Replica
 from .prefixes import PrefixLedger
@@ -338,8 +338,7 @@ class Node:
 
     async def launch(self, request: LaunchRequest) -> DeploymentView:
         """Validate (model, name, an engine some live node has), write it, let placement go."""
-        spec = await find_spec_anywhere(request.model, self.peers.contacts(),
-                                        ssl_context=self._peer_ssl, verify=self._peer_verify)
+        spec = await find_spec_anywhere(request.model, self.ask_peers)
         name = request.name or spec.name
         if not valid_name(name):
             raise InvalidDeployment(
@@ -370,6 +369,11 @@ class Node:
         log.info("deployment.launched", name=name, model=deployment.model, engine=engine,
                  replicas=deployment.replicas)
         return self.view(name)
+
+    async def ask_peers(self, path: str, params: dict[str, str]) -> list[Answer]:
+        """GET a node-to-node `path` from every live peer at once (peer_queries.py)."""
+        return await ask_peers(self.peers.contacts(), path, params,
+                               ssl_context=self._peer_ssl, verify=self._peer_verify)
 
     async def stop(self, name: str) -> DeploymentView:
         async with self._lock:

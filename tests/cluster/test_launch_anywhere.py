@@ -35,13 +35,14 @@ def test_a_node_without_vllm_launches_it_for_the_node_that_has_it(
                         "--join", a.gossip, env={"MESHNODE_ENGINE_PYTHONS": f"vllm={VLLM_PYTHON}"})
         nodes.append(g)
         wait_for(lambda: alive(a) == {"a", "g"}, 20, "joined")
-        engines = {e["engine"]: e["available"] for e in
-                   get_json(a.url + "/v1/engines?model=smollm2-135m-instruct")["data"]}
-        assert engines["vllm"] is False  # a cannot run it itself
         wait_for(lambda: {m["name"]: "vllm" in m["engines"] for m in
                           get_json(a.url + "/v1/cluster/nodes")["data"]} == {"a": False,
                                                                              "g": True},
                  10, "g's engines gossiped")
+        engines = {(e["node"], e["engine"]): e["available"] for e in
+                   get_json(a.url + "/v1/engines?model=smollm2-135m-instruct")["data"]}
+        assert engines[("a", "vllm")] is False  # a cannot run it itself; g can
+        assert engines[("g", "vllm")] is True and engines[("g", "llama.cpp")] is True
         status, _, body = call(a.url + "/v1/deployments", "POST", {
             "model": "smollm2-135m-instruct", "name": NAME, "engine": "sglang"})
         assert status == 400 and b"no other live node has 'sglang' either" in body, body

@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,24 @@ def test_launch_by_path_from_a_node_without_the_file(
                             ("path=/etc/passwd", 400), ("", 400)):
             status, _, body = call(b.url + f"/internal/v1/model-file?{query}")
             assert status == code, (query, body)
+
+        # Which engines could run it: a says it has no such file, b answers for its own.
+        rows = get_json(a.url + f"/v1/engines?model={path}")["data"]
+        assert [(r["node"], r["engine"] or "-") for r in rows][:2] == [("a", "-"),
+                                                                        ("b", "llama.cpp")], rows
+        assert "model file not found" in rows[0]["reason"], rows
+        assert rows[1]["available"] and rows[1]["default"]
+        cli = subprocess.run([sys.executable, "-m", "meshnode", "engines", path, "--endpoint",
+                              a.url], capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 0, cli.stderr
+        header, *lines = cli.stdout.splitlines()
+        assert header.split() == ["NODE", "ENGINE", "CAN", "RUN", "DEFAULT", "WHY", "NOT"]
+        assert lines[0].split()[:3] == ["a", "-", "no"] and "model file not found" in lines[0]
+        assert any(line.split()[:4] == ["b", "llama.cpp", "yes", "*"] for line in lines)
+        unknown = subprocess.run([sys.executable, "-m", "meshnode", "engines", "no-such-model",
+                                  "--endpoint", a.url], capture_output=True, text=True,
+                                 timeout=60)
+        assert unknown.returncode == 1 and "unknown model 'no-such-model'" in unknown.stderr
 
         # A name whose rendezvous order puts a first: a fails (no file), b takes it over.
         ids = {m["name"]: m["node_id"] for m in get_json(a.url + "/v1/cluster/nodes")["data"]}
