@@ -91,8 +91,13 @@ def find_spec(model: str) -> ModelSpec:
     if spec is not None:
         return spec
     if model.endswith(".gguf") or os.sep in model:
-        path = Path(model).expanduser().resolve()
-        if not path.is_file():
+        try:
+            path = Path(model).expanduser().resolve()
+            found = path.is_file()
+        except (OSError, ValueError, RuntimeError) as exc:  # NUL, too long, ~nobody
+            raise InvalidDeployment(f"invalid model path {model[:256]!r}: {exc}"[:512],
+                                    param="model") from None
+        if not found:
             raise ModelNotFound(f"model file not found: {path}")
         if path.suffix != ".gguf":
             raise InvalidDeployment(f"{path} is not a .gguf file; only GGUF files can be "

@@ -117,11 +117,15 @@ def _not_found(body: bytes) -> str:
 
 def absolute_path(model: str) -> str:
     """`model` with `~` expanded; InvalidDeployment unless it is then an absolute .gguf path."""
-    path = Path(model).expanduser()
+    try:
+        path = Path(model).expanduser()
+    except RuntimeError as exc:  # ~nobody
+        raise InvalidDeployment(f"invalid model path {model[:256]!r}: {exc}",
+                                param="model") from None
     if not path.is_absolute() or path.suffix != ".gguf":
         raise InvalidDeployment(
-            f"{model} is not on this node, and only an absolute path of a .gguf file is looked "
-            "up on the other nodes: give the file's absolute path", param="model")
+            f"{model[:256]!r} is not on this node, and only an absolute path of a .gguf file is "
+            "looked up on the other nodes: give the file's absolute path", param="model")
     return str(path)
 
 

@@ -59,7 +59,8 @@ def test_launch_by_path_from_a_node_without_the_file(
         spec = get_json(b.url + f"/internal/v1/model-file?path={path}")
         assert spec["abilities"] == ["chat", "completion"] and spec["size_mb"] > 50
         for query, code in ((f"path={models}/none.gguf", 404), ("path=smol.gguf", 400),
-                            ("path=/etc/passwd", 400), ("", 400)):
+                            ("path=/etc/passwd", 400), ("path=/m/a%00.gguf", 400),
+                            ("", 400)):
             status, _, body = call(b.url + f"/internal/v1/model-file?{query}")
             assert status == code, (query, body)
 

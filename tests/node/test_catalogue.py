@@ -32,6 +32,10 @@ def test_missing_and_wrong_files(tmp_path: Path) -> None:
     other.write_bytes(b"x")
     with pytest.raises(InvalidDeployment, match="not a .gguf"):
         find_spec(str(other))
+    for bad in ("/m/a\x00.gguf", "~no-such-user-zz/x.gguf", "/" + "a" * 5000 + ".gguf"):
+        with pytest.raises(InvalidDeployment, match="invalid model path") as err:
+            find_spec(bad)
+        assert len(str(err.value)) <= 512
 
 
 def test_missing_package_says_what_to_install(tmp_path: Path) -> None:

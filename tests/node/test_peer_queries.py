@@ -34,6 +34,9 @@ def test_local_file_spec_reads_the_file_and_refuses_other_paths(tmp_path: Path) 
     for bad in ("tiny.gguf", "models/tiny.gguf", str(tmp_path / "notes.txt"), "/etc/passwd"):
         with pytest.raises(InvalidDeployment, match="absolute path of a .gguf"):
             local_file_spec(bad)
+    for bad in ("/m/a\x00.gguf", "~no-such-user-zz/x.gguf", "/" + "a" * 5000 + ".gguf"):
+        with pytest.raises(InvalidDeployment, match="invalid model path"):
+            local_file_spec(bad)
 
 
 @pytest.fixture
