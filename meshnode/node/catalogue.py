@@ -113,13 +113,16 @@ def find_spec(model: str) -> ModelSpec:
                         "or give the path of a local .gguf file")
 
 
-def deployment_spec(model: str, name: str, context_length: int) -> ModelSpec:
+def deployment_spec(model: str, name: str, context_length: int,
+                    abilities: tuple[str, ...] = ()) -> ModelSpec:
     """The spec of a deployment's model on this node; a path missing here becomes a spec
-    whose replica fails with 'model file not found' (shown in the deployment's view)."""
+    whose replica fails with 'model file not found' (shown in the deployment's view), with
+    `abilities` (the deployment's; chat and completion if it has none)."""
     try:
         return find_spec(model)
     except NodeError:
-        return ModelSpec(name=name, family="local", abilities=("chat", "completion"),
+        return ModelSpec(name=name, family="local",
+                         abilities=abilities or ("chat", "completion"),  # type: ignore[arg-type]
                          context_length=context_length, formats=("gguf",),
                          source=ModelSource(kind="path", file=model))
 

@@ -322,8 +322,8 @@ class Node:
     async def _start_replica(self, d: Deployment, placed_gpu: int | None) -> None:
         gpu = placement.local_gpu(d, [g.memory_mb for g in self.hardware.gpus] if self.hardware
                                   else [], (r.gpu for r in self.replicas.values()), placed_gpu)
-        replica = Replica(d, deployment_spec(d.model, d.name, d.context_length), gpu=gpu,
-                          node_name=self.name, data_dir=self.data_dir,
+        replica = Replica(d, deployment_spec(d.model, d.name, d.context_length, d.abilities),
+                          gpu=gpu, node_name=self.name, data_dir=self.data_dir,
                           run_dir=self._run_dir or self.data_dir,
                           threads=self.config.engine_threads, supervisor=self._supervisor,
                           python=self.config.engine_pythons.get(d.engine, ""),
@@ -433,7 +433,7 @@ class Node:
         if cached is not None and cached[0] == d.version:
             return cached[1]  # a model given by path is not re-read on every request
         abilities = d.abilities or tuple(
-            deployment_spec(d.model, d.name, d.context_length).abilities)
+            deployment_spec(d.model, d.name, d.context_length).abilities)  # an older entry
         if d.chat_template and "chat" not in abilities:
             abilities += ("chat",)
         if len(self._abilities) > 1024:

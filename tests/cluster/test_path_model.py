@@ -91,7 +91,7 @@ def test_launch_by_path_from_a_node_without_the_file(
         assert status == 201, body
         assert json.loads(body)["model"] == path
 
-        def placed() -> dict[str, tuple[str, str]]:
+        def placed(name: str = name) -> dict[str, tuple[str, str]]:
             view = get_json(a.url + f"/v1/deployments/{name}")
             return {p["node"]: (p["state"], p.get("reason", "")) for p in view["placed"]}
 
@@ -107,10 +107,14 @@ def test_launch_by_path_from_a_node_without_the_file(
             assert json.loads(body)["choices"][0]["message"]["content"].strip()
 
         # What a model serves comes with the deployment: a, without the file, lists the
-        # encoder's abilities as b read them (its own fallback would say chat).
+        # encoder's abilities as b read them (its own fallback would say chat), also once
+        # its own replica failed (b's fails too: the file is a header without weights).
         status, _, body = call(a.url + "/v1/deployments", "POST",
                                {"model": str(models / "enc.gguf"), "name": "enc"})
         assert status == 201, body
+        assert get_json(a.url + "/v1/deployments/enc")["abilities"] == ["embed", "rerank"]
+        wait_for(lambda: {n: s for n, (s, _) in placed("enc").items()} == {
+            "a": "failed", "b": "failed"}, 60, "enc failed on both")
         assert get_json(a.url + "/v1/deployments/enc")["abilities"] == ["embed", "rerank"]
 
         # No node has it, or a relative path: refused, nothing written.
