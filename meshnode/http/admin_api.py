@@ -87,7 +87,7 @@ async def engines(request: web.Request) -> web.Response:
         if not (model.endswith(".gguf") or "/" in model):
             raise  # not a catalogue name nor a path: unknown everywhere
         rows = [unable(node.name, str(exc))]
-    rows += await engine_rows(model, node.ask_peers)
+    rows += await engine_rows(model, node.peers.ask)
     return _json({"object": "list", "model": model, "data": rows})
 
 

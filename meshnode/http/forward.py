@@ -39,12 +39,17 @@ HOP_MODE = web.AppKey("hop_mode", str)
 def session_ctx(ssl_context: ssl.SSLContext | None = None
                 ) -> Callable[[web.Application], AsyncIterator[None]]:
     """A cleanup_ctx that opens the app's forwarding pool and closes it on shutdown.
-    Connecting to a dead peer fails after 5 s; an answer may stream for minutes."""
+    Connecting to a dead peer fails after 5 s; an answer may stream for minutes, so no timeout
+    bounds it: when membership declares the peer dead, its connections are dropped."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         async with Upstream(ssl_context=ssl_context, connect_timeout_s=5.0) as pool:
             app[FORWARD_UPSTREAM] = pool
-            yield
+            undo = app[NODE].peers.on_gone(pool.drop)  # a dead peer's requests fail over
+            try:
+                yield
+            finally:
+                undo()
 
     return ctx
 

@@ -311,8 +311,8 @@ class Splice:
 
     def _lost(self) -> None:
         self.keep_alive = False
-        if not self.started:
-            self._finish("stale" if self.received == 0 else "failed")
+        if not self.started:  # stale: closed while idle, so never processed: same peer again
+            self._finish("stale" if self.received == 0 and not self.conn.gone else "failed")
         elif self.framing == "close":
             self._finish("done")
         else:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol, Self
@@ -68,6 +69,7 @@ class _Conn(asyncio.Protocol):
         self.received = 0  # bytes received since the current request was sent
         self.idle_since = 0.0
         self.splice: Feed | None = None  # while set, bytes go there instead of buf
+        self.gone = False  # dropped: its peer was declared dead (nothing is stale, retry)
         self.loop = asyncio.get_running_loop()
         """Kept: each get_running_loop() costs a getpid() syscall on Python 3.11."""
 
@@ -276,6 +278,7 @@ class Upstream:
         self._ssl = ssl_context
         self._connect_timeout_s = connect_timeout_s
         self._idle: dict[str, deque[_Conn]] = {}
+        self._open: dict[str, weakref.WeakSet[_Conn]] = {}  # address -> its connections
         self._closed = False
 
     async def close(self) -> None:
@@ -291,6 +294,22 @@ class Upstream:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    def drop(self, base: str) -> int:
+        """The server at `base` is gone (membership declared its node dead): close its idle
+        connections and abort those in use. A request on one that has no answer yet fails
+        as unreachable (the caller tries another replica) instead of waiting on a peer that
+        will never answer; an answer cut short ends as any broken answer does. How many
+        connections were aborted."""
+        for conn in self._idle.pop(base, ()):
+            conn.close()
+        aborted = 0
+        for conn in list(self._open.pop(base, ())):
+            if conn.transport is not None:
+                conn.gone = True
+                conn.close()
+                aborted += 1
+        return aborted
 
     def _put(self, key: str, conn: _Conn) -> None:
         conns = self._idle.setdefault(key, deque())
@@ -326,6 +345,7 @@ class Upstream:
                         _Conn, host.strip("[]"), int(port), ssl=tls)
         except (OSError, TimeoutError, ssl.SSLError, ValueError) as exc:
             raise UpstreamError(f"cannot connect to {base}: {exc!r}") from exc
+        self._open.setdefault(base, weakref.WeakSet()).add(conn)
         return conn
 
     async def request(self, method: str, base: str, path: str, body: bytes = b"",
@@ -353,6 +373,8 @@ class Upstream:
             while (end := conn.buf.find(b"\r\n\r\n")) < 0:
                 if len(conn.buf) > HEAD_MAX:
                     raise UpstreamError(f"{base}: response head over {HEAD_MAX} bytes")
+                if conn.gone:
+                    raise UpstreamError(f"{base}: its node was declared dead")
                 if conn.eof and conn.received == 0:
                     raise _Stale
                 await conn.more()

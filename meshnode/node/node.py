@@ -28,7 +28,7 @@ import structlog
 from meshnode import __version__
 from meshnode.engines import (EngineOption, Hardware, SupervisorConfig, detect_hardware,
                               probe_engines)
-from meshnode.mesh import MemberState
+from meshnode.mesh import MemberDead, MemberLeft, MemberState
 from meshnode.mesh.crypto_errors import RevocationError, SecurityError
 from meshnode.mesh.identity import NodeIdentity
 
@@ -46,7 +46,7 @@ from .errors import (
     ReplicaBusy,
 )
 from .keysync import NodeKeys
-from .peer_queries import Answer, ask_peers, find_spec_anywhere
+from .peer_queries import find_spec_anywhere
 from .peers import PLACEMENT_STATES, PeerView, Target
 from .replicas import Replica
 from .prefixes import PrefixLedger
@@ -92,8 +92,8 @@ class Node:
         self.router = Router()
         self.prefixes = PrefixLedger()
         """The prompt prefixes each local replica served lately, gossiped for routing."""
-        self._peer_ssl = ssl_context = security.client_context() if security else None
-        self._peer_verify = verify = self.verify_peer_tls if security else None
+        ssl_context = security.client_context() if security is not None else None
+        verify = self.verify_peer_tls if security is not None else None
         self.sync = DeploymentSync(self.deployments, self._table_changed,
                                    ssl_context=ssl_context, verify=verify)
         self.revocation_sync: TableSync | None = None
@@ -262,8 +262,10 @@ class Node:
 
     async def _events_loop(self) -> None:
         assert self.cluster is not None
-        async for _ in self.cluster.mesh.events():
+        async for event in self.cluster.mesh.events():
             self.peers.changed()  # before the reconciler acts on it (it may unload ours)
+            if isinstance(event, MemberDead | MemberLeft):
+                self.peers.gone(event.member)  # in-flight forwards there fail over now
             self._wake.set()
 
     async def _reconcile_loop(self) -> None:
@@ -338,7 +340,7 @@ class Node:
 
     async def launch(self, request: LaunchRequest) -> DeploymentView:
         """Validate (model, name, an engine some live node has), write it, let placement go."""
-        spec = await find_spec_anywhere(request.model, self.ask_peers)
+        spec = await find_spec_anywhere(request.model, self.peers.ask)
         name = request.name or spec.name
         if not valid_name(name):
             raise InvalidDeployment(
@@ -369,11 +371,6 @@ class Node:
         log.info("deployment.launched", name=name, model=deployment.model, engine=engine,
                  replicas=deployment.replicas)
         return self.view(name)
-
-    async def ask_peers(self, path: str, params: dict[str, str]) -> list[Answer]:
-        """GET a node-to-node `path` from every live peer at once (peer_queries.py)."""
-        return await ask_peers(self.peers.contacts(), path, params,
-                               ssl_context=self._peer_ssl, verify=self._peer_verify)
 
     async def stop(self, name: str) -> DeploymentView:
         async with self._lock:

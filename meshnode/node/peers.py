@@ -16,9 +16,10 @@ from typing import NamedTuple
 
 import msgspec
 
-from meshnode.mesh import MemberState
+from meshnode.mesh import Member, MemberState
 
 from .cluster import Cluster, NodeLoad, NodeMeta
+from .peer_queries import Answer, ask_peers
 from .security import ClusterSecurity
 
 __all__ = ["HOLDERS_TTL_S", "PLACEMENT_STATES", "PeerView", "Routing", "Target"]
@@ -66,6 +67,7 @@ class PeerView:
         self._cluster = cluster
         self._security = security
         self._metas: dict[bytes, NodeMeta | None] = {}
+        self._gone_hooks: list[Callable[[str], object]] = []
         # deployment -> (valid until, {peer id: (Target, gossiped in-flight, packed ids)})
         self._holders: dict[str, tuple[float, dict[str, tuple[Target, int, bytes]],
                                        Routing]] = {}
@@ -107,6 +109,28 @@ class PeerView:
         cluster = self._cluster()
         meta = self.decode_meta(cluster.gossiped_meta) if cluster is not None else None
         return live if meta is None else dict(meta.prefixes).get(name, b"")
+
+    async def ask(self, path: str, params: dict[str, str]) -> list[Answer]:
+        """GET a node-to-node `path` from every alive peer at once (peer_queries.py), over
+        mTLS with each answer's certificate checked in a signed cluster."""
+        sec = self._security
+        verify = None if sec is None else \
+            lambda ssl_object, node_id: sec.check_peer(ssl_object, node_id)  # type: ignore
+        return await ask_peers(self.contacts(), path, params,
+                               ssl_context=sec.client_context() if sec else None, verify=verify)
+
+    def on_gone(self, hook: Callable[[str], object]) -> Callable[[], None]:
+        """Have `hook(url)` called with a peer's node-to-node URL when membership declares
+        it dead or it leaves (a forwarding pool drops its connections there); the undo."""
+        self._gone_hooks.append(hook)
+        return lambda: self._gone_hooks.remove(hook)
+
+    def gone(self, member: Member) -> None:
+        """Membership declared `member` dead, or it left: tell the on_gone hooks."""
+        meta = self.decode_meta(member.meta)
+        if meta is not None:
+            for hook in list(self._gone_hooks):
+                hook(self.url(meta))
 
     def contacts(self) -> list[tuple[str, str, str]]:
         """(name, node-to-node URL, node id) of every alive peer."""

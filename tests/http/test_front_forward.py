@@ -23,6 +23,7 @@ from meshnode.http.passthrough import effective_hop, hop_params
 from meshnode.http.keys import NODE
 from meshnode.engines import InvalidRequest
 from meshnode.node import ModelUnavailable, NodeConfig, Router, Target
+from meshnode.node.peers import PeerView
 
 BODY = {"model": "m", "prompt": "hello", "max_tokens": 1}
 CAP = 7
@@ -39,6 +40,7 @@ class FakeNode:
         self.router = Router()
         self.replicas: dict[str, Any] = {}
         self.targets: list[Target] = []
+        self.peers = PeerView(lambda: self.node_id, lambda: None, None)  # no members
 
     def abilities(self, name: str) -> tuple[str, ...]:
         return ("chat", "completion")

@@ -378,3 +378,48 @@ async def test_splice_cancelled_closes_the_connection(server: dict[str, object])
         assert not up._idle.get(str(server["tcp"]))
         async with asyncio.timeout(5):
             await server["cancelled"].wait()  # type: ignore[attr-defined]
+
+
+async def _frozen_server() -> asyncio.Server:
+    """Answers the first request on each connection, then reads and never answers again: a
+    peer that froze (its kernel still accepts connections and takes bytes)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        while await reader.read(65536):
+            pass
+        writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("path", ["request", "splice"])
+async def test_drop_fails_requests_waiting_on_a_dead_peer(path: str) -> None:
+    """Without drop they wait for ever; with it, one on a pooled connection fails as
+    unreachable (not stale: sending it again to the same peer would wait again)."""
+    srv = await _frozen_server()
+    base = f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}"
+    try:
+        async with Upstream() as up:
+            async with await up.request("GET", base, "/") as r:
+                assert await r.read() == b"ok"
+            assert len(up._idle[base]) == 1  # the next request reuses it
+            if path == "request":
+                pending = asyncio.ensure_future(up.request("GET", base, "/"))
+            else:
+                pending = asyncio.ensure_future(splice(up, "POST", base, "/x", b"{}", None,
+                                                       _Out()))  # type: ignore[arg-type]
+            await asyncio.sleep(0.2)
+            assert not pending.done()
+            assert up.drop(base) == 1
+            async with asyncio.timeout(2):
+                if path == "request":
+                    with pytest.raises(UpstreamError, match="declared dead"):
+                        await pending
+                else:
+                    assert (await pending).outcome == "failed"
+            assert not up._idle.get(base) and up.drop(base) == 0
+    finally:
+        srv.close()
+        await srv.wait_closed()

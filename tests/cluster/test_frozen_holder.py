@@ -1,0 +1,101 @@
+"""A holder that freezes (SIGSTOP: a hung machine, a cut cable) rather than dies: its sockets
+stay open, so nothing tells the entry node its forwarded requests will never be answered but
+membership. Once the mesh declares the holder dead, the entry drops its connections there: a
+stream in flight ends with an error event, a request not yet answered fails over (503 while
+the new holder loads, with Retry-After), and later requests reach the new holder (real nodes,
+real SmolLM2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import NodeProcess, get_json, needs_llama, wait_for
+from test_routing import alive, call, ready_nodes
+
+pytestmark = [pytest.mark.cluster, pytest.mark.e2e, needs_llama]
+
+NAME = "frozen"
+
+
+@pytest.fixture
+def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, NodeProcess]]:
+    tmp: Path = tmp_path_factory.mktemp("frozen")
+    out: dict[str, NodeProcess] = {}
+    try:
+        out["a"] = NodeProcess(tmp / "a", "--name", "a", "--mesh-preset", "local", "--no-mdns")
+        for name in "bc":
+            out[name] = NodeProcess(tmp / name, "--name", name, "--mesh-preset", "local",
+                                    "--no-mdns", "--join", out["a"].gossip)
+        for n in out.values():
+            wait_for(lambda n=n: alive(n) == {"a", "b", "c"}, 20, "joined")
+        yield out
+    finally:
+        for n in out.values():
+            if n.proc.poll() is None:
+                os.kill(n.proc.pid, signal.SIGCONT)
+            n.stop(signal.SIGKILL)
+
+
+def completion(entry: NodeProcess) -> tuple[int, dict[str, str], bytes, float]:
+    started = time.monotonic()
+    status, headers, body = call(entry.url + "/v1/completions", "POST",
+                                 {"model": NAME, "prompt": "Hi", "max_tokens": 1})
+    return status, headers, body, time.monotonic() - started
+
+
+def test_requests_to_a_frozen_holder_fail_over_once_it_is_declared_dead(
+        nodes: dict[str, NodeProcess]) -> None:
+    a = nodes["a"]
+    status, _, body = call(a.url + "/v1/deployments", "POST",
+                           {"model": "smollm2-135m-instruct", "name": NAME})
+    assert status == 201, body
+    holder = wait_for(lambda: ready_nodes(a, NAME), 120, "ready")[0]
+    entry = nodes[next(n for n in "abc" if n != holder)]
+    wait_for(lambda: ready_nodes(entry, NAME) == [holder], 10, "entry sees the holder")
+    assert completion(entry)[1]["X-Served-By"] == holder  # a pooled connection to it now
+
+    host, port = entry.url.removeprefix("http://").split(":")
+    body = json.dumps({"model": NAME, "prompt": "Count from 1 to 1000: 1, 2, 3, 4, 5,",
+                       "stream": True, "max_tokens": 4000, "temperature": 0.0}).encode()
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                  b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+                  + body)
+        seen = b""
+        while b"data: " not in seen:
+            chunk = s.recv(65536)
+            assert chunk, seen
+            seen += chunk
+        os.kill(nodes[holder].proc.pid, signal.SIGSTOP)
+        frozen = time.monotonic()
+        later: list[tuple[int, dict[str, str], bytes, float]] = []
+        sender = threading.Thread(target=lambda: later.append(completion(entry)))
+        sender.start()  # sent to the frozen holder's pooled connection
+        while chunk := s.recv(65536):  # would block until the 60 s timeout without the drop
+            seen += chunk
+        ended = time.monotonic() - frozen
+        sender.join(60)
+    events = [line[6:] for line in seen.split(b"\n") if line.startswith(b"data: ")]
+    last = json.loads(events[-1])
+    assert last["error"]["code"] == "upstream_lost", last
+    assert holder in last["error"]["message"]
+    assert ended < 30, ended
+    assert later, "the request sent after the freeze never came back"
+    status, headers, reply, took = later[0]
+    assert took < 30, took
+    if status == 503:  # failed over while the new holder loads
+        assert headers.get("Retry-After") and json.loads(reply)["error"]["message"], reply
+    else:
+        assert status == 200 and headers["X-Served-By"] != holder, (status, reply)
+    assert holder not in alive(entry)
+    new = wait_for(lambda: (r := completion(entry))[0] == 200 and r, 120, "served again")
+    assert new[1]["X-Served-By"] not in (holder, "")
