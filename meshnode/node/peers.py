@@ -133,9 +133,12 @@ class PeerView:
                 hook(self.url(meta))
 
     def contacts(self) -> list[tuple[str, str, str]]:
-        """(name, node-to-node URL, node id) of every alive peer."""
+        """(name, node-to-node URL, node id) of every alive peer that listens (a node
+        started on port 0 gossips its port once it is bound)."""
+        signed = self._security is not None
         return [(meta.name, self.url(meta), node_id)
-                for node_id, meta, _ in self.peers((MemberState.ALIVE,))]
+                for node_id, meta, _ in self.peers((MemberState.ALIVE,))
+                if (meta.internal_port if signed else meta.http_port)]
 
     def url(self, meta: NodeMeta) -> str:
         """Base URL for node-to-node calls to a peer: its internal mTLS listener in a signed

@@ -39,8 +39,13 @@ def test_a_node_without_vllm_launches_it_for_the_node_that_has_it(
                           get_json(a.url + "/v1/cluster/nodes")["data"]} == {"a": False,
                                                                              "g": True},
                  10, "g's engines gossiped")
-        engines = {(e["node"], e["engine"]): e["available"] for e in
-                   get_json(a.url + "/v1/engines?model=smollm2-135m-instruct")["data"]}
+
+        def engine_table() -> dict[tuple[str, str], bool]:
+            rows = get_json(a.url + "/v1/engines?model=smollm2-135m-instruct")["data"]
+            return {(r["node"], r["engine"]): r["available"] for r in rows}
+
+        engines = wait_for(lambda: (e := engine_table()).get(("g", "vllm")) is not None and e,
+                           10, "g answers for its engines (once it listens)")
         assert engines[("a", "vllm")] is False  # a cannot run it itself; g can
         assert engines[("g", "vllm")] is True and engines[("g", "llama.cpp")] is True
         status, _, body = call(a.url + "/v1/deployments", "POST", {

@@ -52,6 +52,9 @@ def test_launch_by_path_from_a_node_without_the_file(
                                                   str(b_models), str(models)))
         nodes.append(b)
         wait_for(lambda: alive(a) == {"a", "b"}, 20, "joined")
+        wait_for(lambda: [m["http"] for m in get_json(a.url + "/v1/cluster/nodes")["data"]
+                          if m["name"] == "b"] == [b.url.removeprefix("http://")], 10,
+                 "a knows b's port (bound after joining)")
         path = str(models / "smol.gguf")
         assert not os.path.exists(path)  # a's view (and this test's)
 
