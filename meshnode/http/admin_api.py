@@ -13,7 +13,8 @@ from meshnode import __version__
 from meshnode.engines import InvalidRequest, decode_request
 from meshnode.node import (CATALOGUE, INTERNAL_DEPLOYMENTS_PATH, INTERNAL_ENGINES_PATH,
                            INTERNAL_MODEL_FILE_PATH, InvalidDeployment, LaunchRequest,
-                           ModelNotFound, UpdateRequest, engine_rows, local_file_spec, unable)
+                           ModelNotFound, UpdateRequest, engine_rows, is_model_path,
+                           local_file_spec, unable)
 
 from .keys import NODE
 
@@ -84,7 +85,7 @@ async def engines(request: web.Request) -> web.Response:
     try:
         rows = node.engine_options(model)
     except ModelNotFound as exc:
-        if not (model.endswith(".gguf") or "/" in model):
+        if not is_model_path(model):
             raise  # not a catalogue name nor a path: unknown everywhere
         rows = [unable(node.name, str(exc))]
     rows += await engine_rows(model, node.peers.ask)

@@ -3,7 +3,7 @@
 Imports meshnode.mesh and meshnode.engines, never meshnode.http.
 """
 
-from .catalogue import CATALOGUE, DEFAULT_MODEL, ModelSpec, find_spec, locate
+from .catalogue import CATALOGUE, DEFAULT_MODEL, ModelSpec, find_spec, is_model_path, locate
 from .config import NodeConfig, default_data_dir, load_config
 from .deployments import Deployment, LaunchRequest, UpdateRequest
 from .errors import (
@@ -63,6 +63,7 @@ __all__ = [
     "default_data_dir",
     "find_spec",
     "is_loopback",
+    "is_model_path",
     "load_config",
     "engine_rows",
     "load_security",

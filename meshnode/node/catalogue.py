@@ -18,8 +18,8 @@ import msgspec
 
 from .errors import InvalidDeployment, ModelNotFound, NodeError
 
-__all__ = ["CATALOGUE", "ModelSource", "ModelSpec", "deployment_spec", "find_spec", "locate",
-           "size_mb"]
+__all__ = ["CATALOGUE", "ModelSource", "ModelSpec", "deployment_spec", "find_spec",
+           "is_model_path", "locate", "size_mb"]
 
 Ability = Literal["chat", "completion", "embed", "rerank"]
 
@@ -85,12 +85,18 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
+def is_model_path(model: str) -> bool:
+    """Whether `model` names a file (a .gguf, or anything with a path separator) rather than
+    a catalogue model."""
+    return model.endswith(".gguf") or os.sep in model
+
+
 def find_spec(model: str) -> ModelSpec:
     """The spec for a catalogue name or a path to a local .gguf file."""
     spec = CATALOGUE.get(model)
     if spec is not None:
         return spec
-    if model.endswith(".gguf") or os.sep in model:
+    if is_model_path(model):
         try:
             path = Path(model).expanduser().resolve()
             found = path.is_file()

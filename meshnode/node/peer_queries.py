@@ -19,7 +19,6 @@ answer in time is named, never waited for longer.
 from __future__ import annotations
 
 import asyncio
-import os
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -29,7 +28,7 @@ import aiohttp
 import msgspec
 import structlog
 
-from .catalogue import ModelSpec, find_spec
+from .catalogue import ModelSpec, find_spec, is_model_path
 from .errors import InvalidDeployment, ModelNotFound
 from .sync import PeerVerify, response_ssl_object
 
@@ -142,7 +141,7 @@ async def find_spec_anywhere(model: str, ask: Ask) -> ModelSpec:
     try:
         return find_spec(model)
     except ModelNotFound:
-        if not (model.endswith(".gguf") or os.sep in model):  # find_spec's rule for a path
+        if not is_model_path(model):
             raise
     path = absolute_path(model)
     answers = await ask(INTERNAL_MODEL_FILE_PATH, {"path": path})
