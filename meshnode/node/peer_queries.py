@@ -39,6 +39,8 @@ log = structlog.get_logger("meshnode.node")
 
 INTERNAL_MODEL_FILE_PATH = "/internal/v1/model-file"
 INTERNAL_ENGINES_PATH = "/internal/v1/engines"
+ANSWER_MAX = 1 << 20
+"""Bytes of a peer's answer read at most (a spec or an engine list is a few KB)."""
 
 Contact = tuple[str, str, str]
 """A live peer: (name, node-to-node base URL, node id)."""
@@ -89,7 +91,12 @@ async def ask_peers(peers: Sequence[Contact], path: str, params: dict[str, str],
                     verify(response_ssl_object(resp), node_id)
                 if resp.status != 404:
                     resp.raise_for_status()
-                return resp.status, await resp.read()
+                body = bytearray()
+                async for chunk in resp.content.iter_any():
+                    body += chunk
+                    if len(body) > ANSWER_MAX:
+                        raise ValueError(f"answer over {ANSWER_MAX} bytes")
+                return resp.status, bytes(body)
 
         ordered = sorted(peers)
         results = await asyncio.gather(*(ask(url, node_id) for _, url, node_id in ordered),

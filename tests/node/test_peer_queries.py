@@ -57,6 +57,8 @@ async def peers(tmp_path: Path) -> AsyncIterator[dict[str, object]]:
         asked.append(f"{name}:{request.path}:{request.query_string}")
         if name == "e":
             return web.Response(status=500, text="broken")
+        if name == "g":  # too much
+            return web.Response(body=b"x" * (2 << 20), content_type="application/json")
         if name == "f":
             await asyncio.sleep(1.5)
         if name in ("d", "f"):
@@ -69,7 +71,7 @@ async def peers(tmp_path: Path) -> AsyncIterator[dict[str, object]]:
         return web.Response(body=msgspec.json.encode(specs[name]),
                             content_type="application/json")
 
-    for name in "bcdef":
+    for name in "bcdefg":
         app = web.Application()
         for path in (INTERNAL_MODEL_FILE_PATH, INTERNAL_ENGINES_PATH):
             app.router.add_get(path, functools.partial(handler, name=name))
@@ -93,13 +95,14 @@ def asker(peers: dict[str, object], names: str, timeout_s: float = 0.5):  # noqa
 
 async def test_ask_peers_asks_everyone_at_once_and_names_who_did_not_answer(
         peers: dict[str, object]) -> None:
-    answers = await asker(peers, "bdef")(INTERNAL_MODEL_FILE_PATH, {"path": "/m/x.gguf"})
-    assert [a.node for a in answers] == ["b", "d", "e", "f"]
-    assert [a.status for a in answers] == [200, 404, 0, 0]  # e: 500, f: too late
+    answers = await asker(peers, "bdefg")(INTERNAL_MODEL_FILE_PATH, {"path": "/m/x.gguf"})
+    assert [a.node for a in answers] == ["b", "d", "e", "f", "g"]
+    assert [a.status for a in answers] == [200, 404, 0, 0, 0]  # 500, too late, too big
+    assert "over 1048576 bytes" in str(answers[4].error)
     assert b'"abilities":["embed","rerank"]' in answers[0].body
     assert answers[2].error is not None and answers[3].error is not None
     assert sorted(peers["asked"]) == [  # type: ignore[arg-type]
-        f"{n}:{INTERNAL_MODEL_FILE_PATH}:path=/m/x.gguf" for n in "bdef"]
+        f"{n}:{INTERNAL_MODEL_FILE_PATH}:path=/m/x.gguf" for n in "bdefg"]
 
 
 async def test_the_first_peer_in_name_order_that_has_the_file_answers(
