@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -256,3 +258,23 @@ def write_gguf(path: Path, **meta: str) -> Path:
         out += struct.pack("<Q", len(k)) + k + struct.pack("<IQ", 8, len(v)) + v
     path.write_bytes(bytes(out))
     return path
+
+
+@contextlib.contextmanager
+def counting_stream(url: str, model: str) -> Iterator[tuple[socket.socket, bytes]]:
+    """A streamed completion sent on a raw socket (Connection: close) that runs for thousands
+    of tokens: greedy counting cannot reach its end of text soon (a sampled story can). Yields
+    the socket and the bytes read up to its first event."""
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"model": model, "prompt": "Count from 1 to 1000: 1, 2, 3, 4, 5,",
+                       "stream": True, "max_tokens": 4000, "temperature": 0.0}).encode()
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                  b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+                  + body)
+        seen = b""
+        while b"data: " not in seen:
+            chunk = s.recv(65536)
+            assert chunk, seen
+            seen += chunk
+        yield s, seen

@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import NodeProcess, get_json, needs_llama, wait_for
+from conftest import NodeProcess, counting_stream, needs_llama, wait_for
 from test_routing import alive, call, ready_nodes
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, needs_llama]
@@ -63,23 +62,12 @@ def test_requests_to_a_frozen_holder_fail_over_once_it_is_declared_dead(
     wait_for(lambda: ready_nodes(entry, NAME) == [holder], 10, "entry sees the holder")
     assert completion(entry)[1]["X-Served-By"] == holder  # a pooled connection to it now
 
-    host, port = entry.url.removeprefix("http://").split(":")
-    body = json.dumps({"model": NAME, "prompt": "Count from 1 to 1000: 1, 2, 3, 4, 5,",
-                       "stream": True, "max_tokens": 4000, "temperature": 0.0}).encode()
-    with socket.create_connection((host, int(port)), timeout=60) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                  b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
-                  + body)
-        seen = b""
-        while b"data: " not in seen:
-            chunk = s.recv(65536)
-            assert chunk, seen
-            seen += chunk
+    with counting_stream(entry.url, NAME) as (s, seen):
         os.kill(nodes[holder].proc.pid, signal.SIGSTOP)
         frozen = time.monotonic()
         later: list[tuple[int, dict[str, str], bytes, float]] = []
         sender = threading.Thread(target=lambda: later.append(completion(entry)))
-        sender.start()  # sent to the frozen holder's pooled connection
+        sender.start()  # routed to the frozen holder: not yet declared dead
         while chunk := s.recv(65536):  # would block until the 60 s timeout without the drop
             seen += chunk
         ended = time.monotonic() - frozen

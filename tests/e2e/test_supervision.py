@@ -16,7 +16,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import NodeProcess, get_json, needs_llama, pid_alive
+from conftest import NodeProcess, counting_stream, get_json, needs_llama, pid_alive
 
 from meshnode.node import CATALOGUE, locate
 
@@ -235,21 +235,8 @@ def test_cli_launch_ps_stop(own_node: NodeProcess) -> None:
 
 
 def test_engine_death_mid_stream_ends_stream_with_error(own_node: NodeProcess) -> None:
-    host, port = own_node.url.removeprefix("http://").split(":")
-    # Greedy counting runs for thousands of tokens: the stream cannot end on its own before
-    # the kill (a sampled story can reach its end of text first).
-    body = json.dumps({"model": CHAT, "prompt": "Count from 1 to 1000: 1, 2, 3, 4, 5,",
-                       "stream": True, "max_tokens": 4000, "temperature": 0.0}).encode()
     pid = own_node.engine_pids()[CHAT]
-    with socket.create_connection((host, int(port)), timeout=60) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                  b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
-                  + body)
-        seen = b""
-        while b"data: " not in seen:
-            chunk = s.recv(65536)
-            assert chunk, seen
-            seen += chunk
+    with counting_stream(own_node.url, CHAT) as (s, seen):
         os.kill(pid, signal.SIGKILL)
         while chunk := s.recv(65536):
             seen += chunk
