@@ -23,6 +23,8 @@ a slow client slows the engine instead of growing memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import ssl
 import time
 import weakref
@@ -42,6 +44,12 @@ IDLE_S = 30.0
 """How long an idle connection is kept; under the aiohttp server's 75 s keep-alive."""
 IDLE_MAX = 64
 """Idle connections kept per address; more are closed when released."""
+KEEPALIVE = (15, 5, 3)
+"""TCP keepalive on connections to peers: probe after 15 s of silence, every 5 s, give up
+after 3 unanswered: a peer this node cannot reach any more (a cable, a one-way partition that
+membership does not see, since others still reach it) breaks its connections in ~30 s instead
+of leaving an answer waited for for ever. A frozen process's kernel still answers probes:
+membership covers that (Upstream.drop)."""
 
 
 class Feed(Protocol):
@@ -267,6 +275,20 @@ class UpstreamResponse:
             pass
 
 
+def _keepalive(sock: Any) -> None:
+    """Turn on TCP keepalive (KEEPALIVE) where the platform lets us tune it."""
+    if sock is None:
+        return
+    idle, interval, count = KEEPALIVE
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPALIVE", idle),  # Linux, macOS
+                        ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count)):
+        option = getattr(socket, name, None)
+        if option is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
 class Upstream:
     """Pooled keep-alive connections to HTTP servers we run (peer nodes, engine hosts).
 
@@ -341,8 +363,9 @@ class Upstream:
                     tls = self._ssl if scheme == "https" else None
                     if scheme == "https" and tls is None:
                         raise UpstreamError(f"{base}: https needs an ssl context")
-                    _, conn = await loop.create_connection(
+                    transport, conn = await loop.create_connection(
                         _Conn, host.strip("[]"), int(port), ssl=tls)
+                    _keepalive(transport.get_extra_info("socket"))
         except (OSError, TimeoutError, ssl.SSLError, ValueError) as exc:
             raise UpstreamError(f"cannot connect to {base}: {exc!r}") from exc
         self._open.setdefault(base, weakref.WeakSet()).add(conn)

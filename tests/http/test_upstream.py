@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from meshnode.http.splice import splice
-from meshnode.http.upstream import BUFFER_HIGH, Upstream, UpstreamError
+from meshnode.http.upstream import BUFFER_HIGH, KEEPALIVE, Upstream, UpstreamError
 
 
 @pytest.fixture
@@ -420,6 +421,26 @@ async def test_drop_fails_requests_waiting_on_a_dead_peer(path: str) -> None:
                 else:
                     assert (await pending).outcome == "failed"
             assert not up._idle.get(base) and up.drop(base) == 0
+    finally:
+        srv.close()
+        await srv.wait_closed()
+
+
+async def test_peer_connections_probe_a_silent_peer_with_tcp_keepalive() -> None:
+    """A peer cut off the network (not declared dead, e.g. a one-way partition) breaks its
+    connections after KEEPALIVE's probes instead of leaving an answer waited for for ever."""
+    srv = await _frozen_server()
+    base = f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}"
+    try:
+        async with Upstream() as up:
+            async with await up.request("GET", base, "/") as r:
+                assert await r.read() == b"ok"
+            sock = up._idle[base][0].transport.get_extra_info("socket")  # type: ignore[union-attr]
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            if hasattr(socket, "TCP_KEEPIDLE"):
+                assert (sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)) == KEEPALIVE
     finally:
         srv.close()
         await srv.wait_closed()
