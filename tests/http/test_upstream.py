@@ -381,66 +381,70 @@ async def test_splice_cancelled_closes_the_connection(server: dict[str, object])
             await server["cancelled"].wait()  # type: ignore[attr-defined]
 
 
-async def _frozen_server() -> asyncio.Server:
-    """Answers the first request on each connection, then reads and never answers again: a
-    peer that froze (its kernel still accepts connections and takes bytes)."""
+@pytest.fixture
+async def frozen() -> AsyncIterator[str]:
+    """A server that answers the first request on each connection, then reads and never
+    answers again: a peer that froze (its kernel still accepts connections and takes bytes).
+    Its address; on teardown every connection it accepted is closed and its handler done."""
+    tasks: list[asyncio.Task[None]] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        while await reader.read(65536):
-            pass
-        writer.close()
+        tasks.append(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            while await reader.read(65536):
+                pass
+        finally:
+            writer.close()
 
-    return await asyncio.start_server(handle, "127.0.0.1", 0)
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}"
+    finally:
+        srv.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await srv.wait_closed()
 
 
 @pytest.mark.parametrize("path", ["request", "splice"])
-async def test_drop_fails_requests_waiting_on_a_dead_peer(path: str) -> None:
+async def test_drop_fails_requests_waiting_on_a_dead_peer(path: str, frozen: str) -> None:
     """Without drop they wait for ever; with it, one on a pooled connection fails as
     unreachable (not stale: sending it again to the same peer would wait again)."""
-    srv = await _frozen_server()
-    base = f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}"
-    try:
-        async with Upstream() as up:
-            async with await up.request("GET", base, "/") as r:
-                assert await r.read() == b"ok"
-            assert len(up._idle[base]) == 1  # the next request reuses it
+    base = frozen
+    async with Upstream() as up:
+        async with await up.request("GET", base, "/") as r:
+            assert await r.read() == b"ok"
+        assert len(up._idle[base]) == 1  # the next request reuses it
+        if path == "request":
+            pending = asyncio.ensure_future(up.request("GET", base, "/"))
+        else:
+            pending = asyncio.ensure_future(splice(up, "POST", base, "/x", b"{}", None,
+                                                   _Out()))  # type: ignore[arg-type]
+        await asyncio.sleep(0.2)
+        assert not pending.done()
+        assert up.drop(base) == 1
+        async with asyncio.timeout(2):
             if path == "request":
-                pending = asyncio.ensure_future(up.request("GET", base, "/"))
+                with pytest.raises(UpstreamError, match="declared dead"):
+                    await pending
             else:
-                pending = asyncio.ensure_future(splice(up, "POST", base, "/x", b"{}", None,
-                                                       _Out()))  # type: ignore[arg-type]
-            await asyncio.sleep(0.2)
-            assert not pending.done()
-            assert up.drop(base) == 1
-            async with asyncio.timeout(2):
-                if path == "request":
-                    with pytest.raises(UpstreamError, match="declared dead"):
-                        await pending
-                else:
-                    assert (await pending).outcome == "failed"
-            assert not up._idle.get(base) and up.drop(base) == 0
-    finally:
-        srv.close()
-        await srv.wait_closed()
+                assert (await pending).outcome == "failed"
+        assert not up._idle.get(base) and up.drop(base) == 0
 
 
-async def test_peer_connections_probe_a_silent_peer_with_tcp_keepalive() -> None:
+async def test_peer_connections_probe_a_silent_peer_with_tcp_keepalive(frozen: str) -> None:
     """A peer cut off the network (not declared dead, e.g. a one-way partition) breaks its
     connections after KEEPALIVE's probes instead of leaving an answer waited for for ever."""
-    srv = await _frozen_server()
-    base = f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}"
-    try:
-        async with Upstream() as up:
-            async with await up.request("GET", base, "/") as r:
-                assert await r.read() == b"ok"
-            sock = up._idle[base][0].transport.get_extra_info("socket")  # type: ignore[union-attr]
-            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
-            if hasattr(socket, "TCP_KEEPIDLE"):
-                assert (sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
-                        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
-                        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)) == KEEPALIVE
-    finally:
-        srv.close()
-        await srv.wait_closed()
+    base = frozen
+    async with Upstream() as up:
+        async with await up.request("GET", base, "/") as r:
+            assert await r.read() == b"ok"
+        sock = up._idle[base][0].transport.get_extra_info("socket")  # type: ignore[union-attr]
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            assert (sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)) == KEEPALIVE
