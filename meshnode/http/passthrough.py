@@ -220,7 +220,7 @@ def _peer_tls_ok(node: Node, ssl_object: object, target: Target) -> bool:
     if node.security is None:
         return True
     try:
-        node.verify_peer_tls(ssl_object, target.node_id)
+        node.peers.verify(ssl_object, target.node_id)
     except Exception as exc:  # noqa: BLE001 - the security layer's errors: refuse the peer
         log.warning("forward.peer_refused", node=target.name, error=str(exc))
         return False

@@ -92,8 +92,9 @@ class Node:
         self.router = Router()
         self.prefixes = PrefixLedger()
         """The prompt prefixes each local replica served lately, gossiped for routing."""
+        self.peers = PeerView(lambda: self.node_id, lambda: self.cluster, security)
         ssl_context = security.client_context() if security is not None else None
-        verify = self.verify_peer_tls if security is not None else None
+        verify = self.peers.verify if security is not None else None
         self.sync = DeploymentSync(self.deployments, self._table_changed,
                                    ssl_context=ssl_context, verify=verify)
         self.revocation_sync: TableSync | None = None
@@ -107,7 +108,6 @@ class Node:
                                  ssl_context=ssl_context, verify=verify)
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self.peers = PeerView(lambda: self.node_id, lambda: self.cluster, security)
         self._abilities: dict[str, tuple[int, tuple[str, ...]]] = {}  # name -> (version, ..)
 
     @property
@@ -215,12 +215,6 @@ class Node:
         view = {node_id: meta for node_id, meta, _ in self.peers.peers(PLACEMENT_STATES)}
         view[self.node_id] = self._meta()
         return view
-
-    def verify_peer_tls(self, ssl_object: object, node_id: str) -> None:
-        """Raise unless the TLS peer is node `node_id` of this cluster and not revoked
-        (a no-op in an open cluster)."""
-        if self.security is not None:
-            self.security.check_peer(ssl_object, node_id)  # type: ignore[arg-type]
 
     def revocation_bytes(self) -> bytes:
         """The revocation list this node holds (empty if none), for a peer's pull."""

@@ -19,7 +19,7 @@ import msgspec
 from meshnode.mesh import Member, MemberState
 
 from .cluster import Cluster, NodeLoad, NodeMeta
-from .peer_queries import Answer, ask_peers
+from .peer_queries import Answer, Contact, ask_peers
 from .security import ClusterSecurity
 
 __all__ = ["HOLDERS_TTL_S", "PLACEMENT_STATES", "PeerView", "Routing", "Target"]
@@ -114,10 +114,15 @@ class PeerView:
         """GET a node-to-node `path` from every alive peer at once (peer_queries.py), over
         mTLS with each answer's certificate checked in a signed cluster."""
         sec = self._security
-        verify = None if sec is None else \
-            lambda ssl_object, node_id: sec.check_peer(ssl_object, node_id)  # type: ignore
         return await ask_peers(self.contacts(), path, params,
-                               ssl_context=sec.client_context() if sec else None, verify=verify)
+                               ssl_context=sec.client_context() if sec else None,
+                               verify=self.verify if sec else None)
+
+    def verify(self, ssl_object: object, node_id: str) -> None:
+        """Raise unless the TLS peer is node `node_id` of this cluster and not revoked
+        (a no-op in an open cluster)."""
+        if self._security is not None:
+            self._security.check_peer(ssl_object, node_id)  # type: ignore[arg-type]
 
     def on_gone(self, hook: Callable[[str], object]) -> Callable[[], None]:
         """Have `hook(url)` called with a peer's node-to-node URL when membership declares
@@ -132,7 +137,7 @@ class PeerView:
             for hook in list(self._gone_hooks):
                 hook(self.url(meta))
 
-    def contacts(self) -> list[tuple[str, str, str]]:
+    def contacts(self) -> list[Contact]:
         """(name, node-to-node URL, node id) of every alive peer that listens (a node
         started on port 0 gossips its port once it is bound)."""
         signed = self._security is not None
