@@ -213,7 +213,8 @@ def _catalogue(args: argparse.Namespace) -> int:
 def _members(args: argparse.Namespace) -> int:
     data = AdminClient(args.endpoint).request("GET", "/v1/cluster/nodes")["data"]
     rows = [[m["name"] + (" *" if m["local"] else ""), m["node_id"][:12], m["address"],
-             m["state"], m["incarnation"], ", ".join(m["models"]) or "-", m["load"],
+             m["state"] + ("" if m.get("reachable", True) else ", unreachable from here"),
+             m["incarnation"], ", ".join(m["models"]) or "-", m["load"],
              _memory(m), ", ".join(m.get("labels", ())) or "-", f"{m['since_s']:.0f}s ago"]
             for m in data]
     print(table(["NAME", "NODE ID", "ADDRESS", "STATE", "INC", "MODELS", "LOAD", "MEMORY",

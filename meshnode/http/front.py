@@ -316,6 +316,8 @@ class _Conn(asyncio.Protocol):
             return self._done(close)
         # Nothing was written: the task path tries again (elsewhere unless it was stale).
         log.info("forward.retry", node=first.name, outcome=done.outcome, request_id=rid)
+        if done.outcome == "unreachable":
+            self.front.node.peers.reach.failed(first.node_id, first.name, first.url)
         exclude = None if done.outcome == "stale" else first.node_id
         front = self.front
         call = Call(front.node, rid, front.peers, front.engines, hop=None,

@@ -12,9 +12,10 @@ only it knows its count exactly), or `X-Meshnode-Hop: 1` on the last try, which 
 must serve; `; spill` is added when the peer is not the request's owner (it claims no
 prefix). A request that carries the hop header (or came in on the internal listener) is
 served here or refused, never forwarded again, so a stale view cannot bounce a request
-around the mesh. Before the first byte of an answer, a connection failure
-or a 503 from a peer moves on to the next target (at most one try per ready replica); after
-it, bytes pass through as they come (streams chunk by chunk, no re-encoding). A client that
+around the mesh. Before the first byte of an answer, a connection failure or a 503 from a
+peer moves on to the next target (at most one try per ready replica; a peer that could not be
+connected to is skipped by later requests until it can be: node/reach.py); after it, bytes
+pass through as they come (streams chunk by chunk, no re-encoding). A client that
 goes away cancels the task running `dispatch`, which closes the upstream connection, which
 cancels the peer's handler and its engine's generation.
 
@@ -35,7 +36,7 @@ from meshnode.engines import InvalidRequest
 from meshnode.node import ModelUnavailable, Node, Replica, Target
 
 from .splice import Spliced, splice
-from .upstream import Upstream, UpstreamError, UpstreamResponse
+from .upstream import Unreachable, Upstream, UpstreamError, UpstreamResponse
 
 __all__ = ["HOP_HEADER", "PREFIX_PATHS", "Call", "Sink", "dispatch", "effective_hop",
            "forward_headers", "hop_params",
@@ -273,6 +274,8 @@ async def _forward(call: Call, name: str, target: Target, path: str, body: bytes
             upstream = await call.peers.request("POST", target.url, path, body, headers)
         except UpstreamError as exc:
             log.info("forward.failed", node=target.name, error=str(exc))
+            if isinstance(exc, Unreachable):
+                call.node.peers.reach.failed(target.node_id, target.name, target.url)
             return False
         try:
             if not _peer_ok(call.node, upstream, target):
@@ -332,6 +335,10 @@ async def _splice(call: Call, target: Target, path: str, body: bytes, headers: b
             return True
         case "retry":
             log.info("forward.unavailable", node=target.name, request_id=call.rid)
+        case "unreachable":
+            log.info("forward.failed", node=target.name, outcome="unreachable",
+                     request_id=call.rid)
+            call.node.peers.reach.failed(target.node_id, target.name, target.url)
         case outcome:
             log.info("forward.failed", node=target.name, outcome=outcome, request_id=call.rid)
     return False

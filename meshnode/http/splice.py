@@ -16,7 +16,7 @@ import ssl
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
-from .upstream import HEAD_MAX, Upstream, UpstreamError, _Conn, encode_request
+from .upstream import HEAD_MAX, Upstream, UpstreamError, _Conn, encode_request, timed_out
 
 __all__ = ["Splice", "Spliced", "Watcher", "splice", "splice_now"]
 
@@ -40,9 +40,10 @@ async def splice(pool: Upstream, method: str, base: str, path: str, body: bytes,
     counts the framing (Content-Length or chunked) to know where the answer ends, then the
     connection goes back to the pool. `extra_head` is inserted after the status line.
     Before anything is written: a 503 with `retry_503`, or a connection that `check`s
-    refuses (its TLS session), or one that fails, gives an outcome to try elsewhere
-    ("retry", "refused", "failed"); `on_source` is told the upstream transport while the
-    answer flows (the client side pauses and resumes its reading: backpressure)."""
+    refuses (its TLS session), or one that cannot be opened or fails, gives an outcome to try
+    elsewhere ("retry", "refused", "unreachable", "failed"); `on_source` is told the upstream
+    transport while the answer flows (the client side pauses and resumes its reading:
+    backpressure)."""
     data = encode_request(method, base, path, body, headers)
     loop = asyncio.get_running_loop()
     waiter = _Waiter(loop)
@@ -54,7 +55,7 @@ async def splice(pool: Upstream, method: str, base: str, path: str, body: bytes,
     try:  # no idle connection, or it had been closed while idle: a fresh one
         conn = await pool._connect(base)
     except UpstreamError:
-        return Spliced("failed")
+        return Spliced("unreachable")
     waiter = _Waiter(loop)
     started = _begin(pool, base, conn, data, out, extra_head, retry_503, check, waiter)
     if started is None:
@@ -125,7 +126,8 @@ class Spliced:
     """How a splice ended: "done" (the whole answer passed), "broken" (the upstream failed
     after part of it was written; `at_boundary`: between two chunks of a chunked body, where
     a last event and the end of the body can still be written), or, with nothing written,
-    "retry" (503), "refused" (check failed), "failed" (unreachable, or closed early)."""
+    "retry" (503), "refused" (check failed), "unreachable" (no connection opened), "failed"
+    (closed before the answer began)."""
 
     __slots__ = ("at_boundary", "keep_alive", "outcome", "status")
 
@@ -306,13 +308,16 @@ class Splice:
     def lost(self, exc: Exception | None) -> None:
         """The upstream closed or broke."""
         if self.result is None:
-            self._lost()
+            self._lost(exc)
         self._tell()
 
-    def _lost(self) -> None:
+    def _lost(self, exc: Exception | None) -> None:
         self.keep_alive = False
         if not self.started:  # stale: closed while idle, so never processed: same peer again
-            self._finish("stale" if self.received == 0 and not self.conn.gone else "failed")
+            if self.received or self.conn.gone:
+                self._finish("failed")
+            else:  # unless the path timed out (upstream.UNACKED_S): then nothing goes there
+                self._finish("unreachable" if timed_out(exc) else "stale")
         elif self.framing == "close":
             self._finish("done")
         else:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import socket
 import ssl
 import time
@@ -34,7 +35,7 @@ from typing import Any, Protocol, Self
 
 import msgspec
 
-__all__ = ["Upstream", "UpstreamError", "UpstreamResponse", "encode_request"]
+__all__ = ["Unreachable", "Upstream", "UpstreamError", "UpstreamResponse", "encode_request"]
 
 HEAD_MAX = 64 * 1024
 """Largest response head (status line + headers) accepted."""
@@ -46,10 +47,18 @@ IDLE_MAX = 64
 """Idle connections kept per address; more are closed when released."""
 KEEPALIVE = (15, 5, 3)
 """TCP keepalive on connections to peers: probe after 15 s of silence, every 5 s, give up
-after 3 unanswered: a peer this node cannot reach any more (a cable, a one-way partition that
-membership does not see, since others still reach it) breaks its connections in ~30 s instead
-of leaving an answer waited for for ever. A frozen process's kernel still answers probes:
-membership covers that (Upstream.drop)."""
+after 3 unanswered, or once probes went unanswered for UNACKED_S (Linux: that comes first):
+a peer this node cannot reach any more (a cable, a one-way partition that membership does not
+see, since others still reach it) breaks its connections in 20-30 s instead of leaving an
+answer waited for for ever. A frozen process's kernel still answers probes: membership
+covers that (Upstream.drop)."""
+UNACKED_S = 10.0
+"""TCP_USER_TIMEOUT on connections to peers (Linux): a connection whose sent bytes stay
+unacknowledged this long breaks. Keepalive only probes an idle connection; a request written
+on a pooled connection into a path that broke meanwhile would otherwise wait for TCP's
+retransmissions to give up (~15 min). The peer's kernel acknowledges at once whatever its
+engine does, so only a broken path reaches it; lower fails over sooner, higher forgives longer
+bursts of loss."""
 
 
 class Feed(Protocol):
@@ -62,6 +71,12 @@ class Feed(Protocol):
 
 class UpstreamError(ConnectionError):
     """The upstream could not be reached, or broke the HTTP framing, or went away."""
+
+
+class Unreachable(UpstreamError):
+    """No connection could be opened to the upstream (refused, timed out, no route, or its
+    TLS handshake failed), or the one a request was written on timed out before any answer
+    (UNACKED_S): the path to the upstream is broken."""
 
 
 class _Conn(asyncio.Protocol):
@@ -275,14 +290,22 @@ class UpstreamResponse:
             pass
 
 
+def timed_out(exc: BaseException | None) -> bool:
+    """Whether a connection was lost to a timeout (keepalive, UNACKED_S): its path broke, as
+    opposed to a peer that closed it or reset it."""
+    return isinstance(exc, OSError) and exc.errno == errno.ETIMEDOUT
+
+
 def _keepalive(sock: Any) -> None:
-    """Turn on TCP keepalive (KEEPALIVE) where the platform lets us tune it."""
+    """Turn on TCP keepalive (KEEPALIVE) and the unacknowledged-data timeout (UNACKED_S)
+    where the platform lets us tune them."""
     if sock is None:
         return
     idle, interval, count = KEEPALIVE
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPALIVE", idle),  # Linux, macOS
-                        ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count)):
+                        ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count),
+                        ("TCP_USER_TIMEOUT", int(UNACKED_S * 1000))):
         option = getattr(socket, name, None)
         if option is not None:
             with contextlib.suppress(OSError):
@@ -367,7 +390,7 @@ class Upstream:
                         _Conn, host.strip("[]"), int(port), ssl=tls)
                     _keepalive(transport.get_extra_info("socket"))
         except (OSError, TimeoutError, ssl.SSLError, ValueError) as exc:
-            raise UpstreamError(f"cannot connect to {base}: {exc!r}") from exc
+            raise Unreachable(f"cannot connect to {base}: {exc!r}") from exc
         self._open.setdefault(base, weakref.WeakSet()).add(conn)
         return conn
 
@@ -399,6 +422,8 @@ class Upstream:
                 if conn.gone:
                     raise UpstreamError(f"{base}: its node was declared dead")
                 if conn.eof and conn.received == 0:
+                    if timed_out(conn.error):  # sent into a path that broke (UNACKED_S)
+                        raise Unreachable(f"{base}: no answer, connection timed out")
                     raise _Stale
                 await conn.more()
             head = conn.take(end + 4)[:-4].decode("latin-1").split("\r\n")

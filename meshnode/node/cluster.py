@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from typing import Self
 
 import msgspec
@@ -106,6 +106,9 @@ class MemberView(msgspec.Struct, frozen=True, kw_only=True):
     """Memory of each of the member's GPUs (MB), by index."""
     engines: tuple[str, ...] = ()
     """The engines the member can run (what placement and a launch anywhere count on)."""
+    reachable: bool = True
+    """False: this node failed to connect to the member's node-to-node port though membership
+    says it is alive (a one-way partition), so it routes around it until a try succeeds."""
 
 
 _meta_decoder = msgspec.msgpack.Decoder(NodeMeta)
@@ -274,7 +277,8 @@ class Cluster:
             with contextlib.suppress(Exception):
                 self.mesh.evict(node_id)
 
-    def members(self) -> list[MemberView]:
+    def members(self, unreachable: Container[str] = ()) -> list[MemberView]:
+        """Every member as this node sees it; `unreachable`: the node ids it routes around."""
         now = asyncio.get_running_loop().time()
         views = []
         security = self.security
@@ -293,7 +297,8 @@ class Cluster:
                 since_s=round(max(0.0, now - m.state_change), 1),
                 local=m.node_id == self.node_id,
                 labels=known.labels if known else (), ram_mb=known.ram_mb if known else 0,
-                gpu_mb=known.gpu_mb if known else (), engines=known.engines if known else ()))
+                gpu_mb=known.gpu_mb if known else (), engines=known.engines if known else (),
+                reachable=m.node_id not in unreachable))
         return views
 
     def member(self, node_id: str) -> Member | None:

@@ -37,14 +37,8 @@ from .catalogue import deployment_spec, find_spec, valid_name
 from .cluster import Cluster, MemberView, NodeLoad, NodeMeta, node_load
 from .config import NodeConfig
 from .deployments import Deployment, DeploymentTable, LaunchRequest, UpdateRequest
-from .errors import (
-    ConfigError,
-    DeploymentExists,
-    InvalidDeployment,
-    ModelNotFound,
-    ModelUnavailable,
-    ReplicaBusy,
-)
+from .errors import (ConfigError, DeploymentExists, InvalidDeployment, ModelNotFound,
+                     ModelUnavailable, ReplicaBusy)
 from .keysync import NodeKeys
 from .peer_queries import find_spec_anywhere
 from .peers import PLACEMENT_STATES, PeerView, Target
@@ -170,6 +164,7 @@ class Node:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self.peers.reach.close()
         await self.sync.close()
         if self.revocation_sync is not None:
             await self.revocation_sync.close()
@@ -208,7 +203,7 @@ class Node:
         return node_load((n, r.in_flight) for n, r in sorted(self.replicas.items()))
 
     def members(self) -> list[MemberView]:
-        return self.cluster.members() if self.cluster is not None else []
+        return self.cluster.members(self.peers.reach.down) if self.cluster is not None else []
 
     def _placement_view(self) -> dict[str, NodeMeta]:
         """Node id -> meta of every member placement counts on, this node included (fresh)."""
@@ -436,8 +431,9 @@ class Node:
               ) -> tuple[list[Target], int, str]:
         """The nodes to try for a request to deployment `name` with routing `key`, in order,
         the load cap each try but the last carries, and the owner's node id (Router.plan);
-        `prefix`: a generative request, routed by its prefix's assignment. ModelNotFound,
-        or ModelUnavailable (or ModelFailed) when no replica is ready."""
+        `prefix`: a generative request, routed by its prefix's assignment. Peers this node
+        failed to connect to are left out unless none would remain (PeerView.reach).
+        ModelNotFound, or ModelUnavailable (or ModelFailed) when no replica is ready."""
         self._get(name)
         local = self.replicas.get(name)
         if local is None or local.state != "ready":  # peers only: their gossiped view as is
@@ -446,7 +442,8 @@ class Node:
                 return [peers.sole], 0, peers.sole.node_id
             if peers.targets:
                 plan = self.router.plan(name, key, peers.loads, peers.ledgers if prefix else None)
-                return [peers.targets[n] for n in plan.order], plan.cap, plan.owner
+                order = [peers.targets[n] for n in plan.order]
+                return self.peers.reach.skip(order), plan.cap, plan.owner
         holders, local = self._holders(name)
         if not holders:
             if local is not None:
@@ -457,7 +454,8 @@ class Node:
         ledgers = {n: h[2] for n, h in holders.items()} if prefix else None
         plan = self.router.plan(name, key, {n: h[1] for n, h in holders.items()}, ledgers,
                                 self.node_id if self.node_id in holders else None)
-        return [holders[n][0] for n in plan.order], plan.cap, plan.owner
+        order = [holders[n][0] for n in plan.order]
+        return self.peers.reach.skip(order), plan.cap, plan.owner
 
     def _holders(self, name: str) -> tuple[dict[str, tuple[Target, int, bytes]], Replica | None]:
         """Ready holders of `name` (node id -> Target, load, packed prefixes); our replica."""

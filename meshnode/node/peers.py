@@ -20,6 +20,7 @@ from meshnode.mesh import Member, MemberState
 
 from .cluster import Cluster, NodeLoad, NodeMeta
 from .peer_queries import Answer, Contact, ask_peers
+from .reach import Reachability
 from .security import ClusterSecurity
 
 __all__ = ["HOLDERS_TTL_S", "PLACEMENT_STATES", "PeerView", "Routing", "Target"]
@@ -68,6 +69,9 @@ class PeerView:
         self._security = security
         self._metas: dict[bytes, NodeMeta | None] = {}
         self._gone_hooks: list[Callable[[str], object]] = []
+        self.reach = Reachability(
+            lambda: security.client_context() if security is not None else None)
+        """Peers this node failed to connect to, which routing skips (reach.py)."""
         # deployment -> (valid until, {peer id: (Target, gossiped in-flight, packed ids)})
         self._holders: dict[str, tuple[float, dict[str, tuple[Target, int, bytes]],
                                        Routing]] = {}
@@ -132,6 +136,7 @@ class PeerView:
 
     def gone(self, member: Member) -> None:
         """Membership declared `member` dead, or it left: tell the on_gone hooks."""
+        self.reach.forget(member.node_id)
         meta = self.decode_meta(member.meta)
         if meta is not None:
             for hook in list(self._gone_hooks):

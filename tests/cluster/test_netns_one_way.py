@@ -2,11 +2,16 @@
 reaching each other while h2 reaches both, so membership keeps h1 alive in h0's view (h2's
 indirect probes answer for it) and nothing declares it dead. A stream h0 forwards from h1's
 replica must still end: TCP keepalive on node-to-node connections breaks the connection
-(upstream.KEEPALIVE, ~30 s), and the client gets the upstream_lost error event instead of
+(upstream.KEEPALIVE and UNACKED_S, ~20 s), and the client gets the upstream_lost error event instead of
 waiting for ever (real nodes, real SmolLM2).
 
 The partition is a blackhole route to each other in h0's and h1's namespaces. The client
 runs inside h0's namespace: nothing here talks to the test subnet from the root namespace.
+
+The second test cuts only h1's way back to h0 (h0's packets still arrive, nothing comes back:
+connects time out, as across a broken link): h0 must stop routing to h1's replica after one
+failed try (node/reach.py), serve those prefixes from h2 without waiting, and route to h1
+again once the way back is restored.
 """
 
 from __future__ import annotations
@@ -28,8 +33,8 @@ pytestmark = [pytest.mark.cluster, pytest.mark.e2e, needs_llama, pytest.mark.tim
 
 LAUNCH = ("import json, sys, urllib.request; print(urllib.request.urlopen(urllib.request.Request("
           "sys.argv[1] + '/v1/deployments', data=json.dumps({'model': 'smollm2-135m-instruct', "
-          "'name': 'm', 'nodes': ['h1']}).encode(), headers={'Content-Type': "
-          "'application/json'}), timeout=30).status)")
+          "'name': 'm', 'nodes': sys.argv[2:], 'replicas': len(sys.argv[2:])}).encode(), "
+          "headers={'Content-Type': 'application/json'}), timeout=30).status)")
 READY = ("import json, sys, urllib.request; v = json.load(urllib.request.urlopen(sys.argv[1] + "
          "'/v1/deployments/m', timeout=5)); print(v['status'])")
 # Streams a counting completion through h0; prints "first" at its first event, then the last
@@ -55,24 +60,31 @@ print(json.dumps({'last': last.decode()}), flush=True)
 """
 
 
+def _cluster(stack: contextlib.ExitStack, tmp_path: Path, *holders: str
+             ) -> tuple[netns.Net, list[str]]:
+    """Three nodes h0..h2 in namespaces, deployment m ready on `holders`; (net, h0..h2 URLs)."""
+    net = stack.enter_context(netns.Net(3))
+    urls = [f"http://{ip}:7700" for ip in net.ips]
+    for i in range(3):
+        log = stack.enter_context(open(tmp_path / f"h{i}.log", "wb"))
+        seeds = [] if i == 0 else ["--join", f"{net.ips[0]}:7701"]
+        net.popen(i, [sys.executable, "-m", "meshnode", "start", "--host", net.ips[i],
+                      "--name", f"h{i}", "--data-dir", str(tmp_path / f"h{i}"),
+                      "--mesh-preset", "local", "--log-format", "json", "--no-mdns",
+                      "--insecure", *seeds],  # an open cluster off loopback, on purpose
+                  stdout=subprocess.DEVNULL, stderr=log)
+    for i in range(3):
+        wait_for(lambda: {n for n, m in members(net, i).items() if m["state"] == "alive"}
+                 == {"h0", "h1", "h2"}, 60, f"h{i} sees everyone")
+    assert net.exec(0, sys.executable, "-c", LAUNCH, urls[0], *holders).stdout.strip() == "201"
+    wait_for(lambda: net.exec(0, sys.executable, "-c", READY, urls[0],
+                              check=False).stdout.strip() == "ready", 180, f"ready on {holders}")
+    return net, urls
+
+
 def test_a_stream_from_a_peer_only_this_node_cannot_reach_ends(tmp_path: Path) -> None:
     with contextlib.ExitStack() as stack:
-        net = stack.enter_context(netns.Net(3))
-        urls = [f"http://{ip}:7700" for ip in net.ips]
-        for i in range(3):
-            log = stack.enter_context(open(tmp_path / f"h{i}.log", "wb"))
-            seeds = [] if i == 0 else ["--join", f"{net.ips[0]}:7701"]
-            net.popen(i, [sys.executable, "-m", "meshnode", "start", "--host", net.ips[i],
-                          "--name", f"h{i}", "--data-dir", str(tmp_path / f"h{i}"),
-                          "--mesh-preset", "local", "--log-format", "json", "--no-mdns",
-                          "--insecure", *seeds],  # an open cluster off loopback, on purpose
-                      stdout=subprocess.DEVNULL, stderr=log)
-        for i in range(3):
-            wait_for(lambda: {n for n, m in members(net, i).items() if m["state"] == "alive"}
-                     == {"h0", "h1", "h2"}, 60, f"h{i} sees everyone")
-        assert net.exec(0, sys.executable, "-c", LAUNCH, urls[0]).stdout.strip() == "201"
-        wait_for(lambda: net.exec(0, sys.executable, "-c", READY, urls[0],
-                                  check=False).stdout.strip() == "ready", 120, "ready on h1")
+        net, urls = _cluster(stack, tmp_path, "h1")
 
         client = net.popen(0, [sys.executable, "-c", STREAM, urls[0]], stdout=subprocess.PIPE,
                            text=True)
@@ -92,5 +104,69 @@ def test_a_stream_from_a_peer_only_this_node_cannot_reach_ends(tmp_path: Path) -
         last = json.loads(result["last"].removeprefix("data: "))
         assert last.get("error", {}).get("code") == "upstream_lost", last
         print(f"stream ended {ended:.1f} s after the cut")
-        assert ended < 90, ended  # keepalive: 15 s idle + 3 probes 5 s apart, and slack
+        assert ended < 90, ended  # keepalive: 15 s idle, probes until UNACKED_S, and slack
         assert members(net, 0)["h1"]["state"] != "dead"
+
+
+# Sends each prompt (argv[2:]) through argv[1] in turn as a one-token completion; prints one
+# JSON line per request: the serving node and the seconds it took.
+SEND = """
+import json, sys, time, urllib.request
+for prompt in sys.argv[2:]:
+    start = time.monotonic()
+    req = urllib.request.Request(sys.argv[1] + '/v1/completions', data=json.dumps({
+        'model': 'm', 'prompt': prompt, 'max_tokens': 1, 'temperature': 0.0}).encode(),
+        headers={'Content-Type': 'application/json'})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        served = r.headers['X-Served-By']
+    print(json.dumps({'served': served, 's': round(time.monotonic() - start, 2)}), flush=True)
+"""
+
+
+def test_a_peer_this_node_cannot_connect_to_is_skipped_until_it_can(tmp_path: Path) -> None:
+    with contextlib.ExitStack() as stack:
+        net, urls = _cluster(stack, tmp_path, "h1", "h2")
+
+        def send(*prompts: str) -> list[dict]:
+            out = net.exec(0, sys.executable, "-c", SEND, urls[0], *prompts).stdout
+            return [json.loads(line) for line in out.splitlines()]
+
+        # Prompts whose prefixes h0 routes to h1 (the ring spreads them over both holders).
+        prompts = [f"Topic {i}: tell me about {word}." for i, word in enumerate(
+            "rivers mountains deserts forests oceans islands glaciers valleys caves lakes "
+            "plains canyons volcanoes reefs marshes dunes".split())]
+        # A burst of new prefixes spreads like a ring, and the assignment evens it out once
+        # the ledgers are gossiped (prefixes.py): wait until three passes in a row agree.
+        passes: list[list[str]] = []
+
+        def settled() -> bool:
+            passes.append([r["served"] for r in send(*prompts)])
+            return len(passes) >= 3 and passes[-1] == passes[-2] == passes[-3]
+
+        wait_for(settled, 60, "the prefix assignment settles")
+        on_h1 = [p for p, node in zip(prompts, passes[-1]) if node == "h1"]
+        assert len(on_h1) >= 3 and "h2" in passes[-1], passes[-1]
+
+        net.exec(1, "ip", "route", "add", "blackhole", f"{net.ips[0]}/32")  # h1 -/-> h0
+        got = send(*on_h1)
+        print("after the cut:", got)
+        assert [r["served"] for r in got] == ["h2"] * len(on_h1), got
+        # One request finds the path broken (connect timeout 5 s, or upstream.UNACKED_S on a
+        # pooled connection, plus a fresh connect); the others go to h2 at once.
+        assert got[0]["s"] < 30, got
+        assert all(r["s"] < 3 for r in got[1:]), got
+        h1 = members(net, 0)["h1"]
+        assert h1["state"] in ("alive", "suspect") and not h1["reachable"]  # h2 vouches for it
+        table = net.exec(0, sys.executable, "-m", "meshnode", "members", "--endpoint",
+                         urls[0]).stdout
+        assert "unreachable from here" in next(r for r in table.splitlines()
+                                               if r.startswith("h1")), table
+
+        net.exec(1, "ip", "route", "del", "blackhole", f"{net.ips[0]}/32")
+        healed = time.monotonic()
+        wait_for(lambda: send(on_h1[0])[0]["served"] == "h1", 60, "h0 routes to h1 again")
+        print(f"h1 back {time.monotonic() - healed:.1f} s after the heal")
+        assert [r["served"] for r in send(*on_h1)] == ["h1"] * len(on_h1)
+        assert members(net, 0)["h1"]["reachable"]
+        log = (tmp_path / "h0.log").read_text()
+        assert '"peer.unreachable"' in log and '"peer.reachable"' in log

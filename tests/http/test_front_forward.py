@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,7 +20,7 @@ from aiohttp import web
 
 from meshnode.http import forward, openai_api
 from meshnode.http.front import FrontSite
-from meshnode.http.passthrough import effective_hop, hop_params
+from meshnode.http.passthrough import Call, dispatch, effective_hop, hop_params
 from meshnode.http.keys import NODE
 from meshnode.engines import InvalidRequest
 from meshnode.node import ModelUnavailable, NodeConfig, Router, Target
@@ -124,6 +125,7 @@ async def world() -> AsyncIterator[dict[str, Any]]:
         yield {"node": node, "urls": urls, "url": url, "seen": seen, "app": app}
     finally:
         await front.cleanup()
+        node.peers.reach.close()
         dead.close()
         await dead.wait_closed()
         for runner in runners:
@@ -169,6 +171,46 @@ async def test_a_peer_that_hangs_up_is_skipped(world: dict[str, Any]) -> None:
         status, body, _ = await _post(s, world)
     assert status == 503 and body["error"]["code"] == "model_loading"
     assert "no replica answered" in body["error"]["message"]
+
+
+def _closed_port() -> str:
+    """The URL of a loopback port nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+async def test_a_peer_that_cannot_be_connected_to_is_reported_to_routing(
+        world: dict[str, Any]) -> None:
+    node, closed = world["node"], _closed_port()
+    node.targets = [Target("closed-id", "closed", closed, False),
+                    Target("good-id", "good", world["urls"]["good"], False)]
+    async with aiohttp.ClientSession() as s:  # the front's path: spliced
+        assert await _post(s, world) == (200, {"served": "good"}, "good")
+    assert node.peers.reach.down == {"closed-id": closed}
+    node.peers.reach.forget("closed-id")
+
+    class Sink:  # a sink without a socket (the aiohttp apps'): the request/response path
+        transport = None
+        extra_head = b""
+        answer: tuple[int, bytes] | None = None
+
+        async def respond(self, status: int, headers: dict[str, str], body: bytes) -> None:
+            self.answer = (status, body)
+
+    pool = world["app"][forward.FORWARD_UPSTREAM]
+    sink = Sink()
+    call = Call(node, "rid", pool, world["app"][forward.ENGINE_UPSTREAM], hop=None,
+                authorization=None)
+    await dispatch(call, "m", "/v1/completions", json.dumps(BODY).encode(), b"k",
+                   sink)  # type: ignore[arg-type]
+    assert sink.answer == (200, b'{"served": "good"}')
+    assert node.peers.reach.down == {"closed-id": closed}
+    # A peer that accepts and hangs up was reached: it is not reported.
+    _targets(world, "dead", "good")
+    async with aiohttp.ClientSession() as s:
+        assert (await _post(s, world))[0] == 200
+    assert "dead-id" not in node.peers.reach.down
 
 
 async def test_no_route_is_the_apps_error(world: dict[str, Any]) -> None:

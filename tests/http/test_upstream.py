@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -13,7 +14,8 @@ import pytest
 from aiohttp import web
 
 from meshnode.http.splice import splice
-from meshnode.http.upstream import BUFFER_HIGH, KEEPALIVE, Upstream, UpstreamError
+from meshnode.http.upstream import (BUFFER_HIGH, KEEPALIVE, UNACKED_S, Unreachable, Upstream,
+                                    UpstreamError)
 
 
 @pytest.fixture
@@ -448,3 +450,35 @@ async def test_peer_connections_probe_a_silent_peer_with_tcp_keepalive(frozen: s
             assert (sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
                     sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
                     sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)) == KEEPALIVE
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            assert sock.getsockopt(socket.IPPROTO_TCP,
+                                   socket.TCP_USER_TIMEOUT) == int(UNACKED_S * 1000)
+
+
+@pytest.mark.parametrize("path", ["request", "splice"])
+async def test_a_request_on_a_connection_that_timed_out_is_unreachable(
+        path: str, frozen: str) -> None:
+    """The kernel breaks a connection whose request stays unacknowledged (UNACKED_S): that is
+    a broken path, not a connection the peer closed while idle, so the same peer is not tried
+    again on a fresh connection (it would wait again); the caller marks it unreachable."""
+    base = frozen
+    async with Upstream() as up:
+        async with await up.request("GET", base, "/") as r:
+            assert await r.read() == b"ok"
+        conn = up._idle[base][0]
+        if path == "request":
+            pending = asyncio.ensure_future(up.request("GET", base, "/"))
+        else:
+            pending = asyncio.ensure_future(splice(up, "POST", base, "/x", b"{}", None,
+                                                   _Out()))  # type: ignore[arg-type]
+        await asyncio.sleep(0.2)
+        transport = conn.transport
+        assert transport is not None and not pending.done()
+        conn.connection_lost(TimeoutError(errno.ETIMEDOUT, "Connection timed out"))  # kernel
+        transport.abort()
+        async with asyncio.timeout(2):
+            if path == "request":
+                with pytest.raises(Unreachable, match="timed out"):
+                    await pending
+            else:
+                assert (await pending).outcome == "unreachable"

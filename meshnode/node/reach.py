@@ -1,0 +1,130 @@
+"""Peers this node cannot connect to, though membership says they are alive.
+
+Membership tells whether a node is alive, not whether this node can reach it. In a one-way
+partition (a bad cable or switch port, a firewall rule on one side) the other members still
+reach the peer and vouch for it through indirect probes, so it stays alive and keeps its
+replicas, and every request this node routes there would wait for the connect timeout (5 s)
+before trying the next replica. So the forwarder reports a connect that failed (`failed`);
+routing then leaves that peer out (`skip`, unless that leaves no target), and a background task
+tries a connection to it (TCP, with TLS in a signed cluster) after PROBE_FIRST_S, then twice as
+long each time up to PROBE_MAX_S, and lets it back in at the first that succeeds. No user
+request pays the timeout twice in a row. A peer that is declared dead or leaves is forgotten
+(`forget`); one that comes back at another address is not skipped.
+
+The view is this node's alone, so two nodes may route the same prefix differently while one
+of them cannot reach its owner: the request is served elsewhere (a spill: the prefix does not
+move) instead of failing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import Callable
+from typing import Protocol, TypeVar
+
+import structlog
+
+__all__ = ["PROBE_FIRST_S", "PROBE_MAX_S", "PROBE_TIMEOUT_S", "Reachability", "connects"]
+
+log = structlog.get_logger("meshnode.node")
+
+PROBE_FIRST_S = 1.0
+"""Seconds from a failed connect to the first background try."""
+PROBE_MAX_S = 15.0
+"""Most seconds between two tries (they double from PROBE_FIRST_S): how long a peer that became
+reachable again may stay skipped, against one connect attempt per peer per interval."""
+PROBE_TIMEOUT_S = 5.0
+"""How long one try waits for the connection (and TLS handshake), as forwarding does."""
+
+
+class _Target(Protocol):
+    @property
+    def node_id(self) -> str: ...
+    @property
+    def url(self) -> str: ...
+
+
+_T = TypeVar("_T", bound=_Target)
+
+
+class Reachability:
+    """Peers whose node-to-node URL this node failed to connect to (see the module docstring).
+    Closing it (`close`, twice is safe) cancels its background tries."""
+
+    def __init__(self, ssl_context: Callable[[], ssl.SSLContext | None] = lambda: None, *,
+                 first_s: float = PROBE_FIRST_S, max_s: float = PROBE_MAX_S,
+                 timeout_s: float = PROBE_TIMEOUT_S) -> None:
+        self.down: dict[str, str] = {}
+        """Node id -> the URL a connect to it failed at, until a try there succeeds."""
+        self._ssl = ssl_context
+        self._first_s, self._max_s, self._timeout_s = first_s, max_s, timeout_s
+        self._tries: dict[str, asyncio.Task[None]] = {}
+
+    def failed(self, node_id: str, name: str, url: str) -> None:
+        """A connect to node `node_id` (called `name`) at `url` failed: skip it from now on
+        and start trying it in the background (needs a running loop)."""
+        if self.down.get(node_id) == url:
+            return
+        self.forget(node_id)
+        self.down[node_id] = url
+        log.warning("peer.unreachable", node=name, url=url,
+                    hint="membership says it is alive: requests go to other replicas until a "
+                         "connection succeeds; check the network between the two machines")
+        self._tries[node_id] = asyncio.get_running_loop().create_task(
+            self._retry(node_id, name, url), name=f"reach:{name}")
+
+    def skip(self, targets: list[_T]) -> list[_T]:
+        """`targets` (in order) without the peers known unreachable at their URL, or all of
+        them when none would remain (the last one is then tried anyway)."""
+        down = self.down
+        if not down:
+            return targets
+        kept = [t for t in targets if down.get(t.node_id) != t.url]
+        return kept or targets
+
+    def forget(self, node_id: str) -> None:
+        """Node `node_id` was declared dead or left: stop skipping and trying it."""
+        self.down.pop(node_id, None)
+        task = self._tries.pop(node_id, None)
+        if task is not None:
+            task.cancel()
+
+    def close(self) -> None:
+        """Cancel every background try; the view empties."""
+        for node_id in list(self._tries):
+            self.forget(node_id)
+        self.down.clear()
+
+    async def _retry(self, node_id: str, name: str, url: str) -> None:
+        delay, tries = self._first_s, 0
+        while True:
+            await asyncio.sleep(delay)
+            tries += 1
+            if await connects(url, self._ssl(), self._timeout_s):
+                break
+            delay = min(delay * 2, self._max_s)
+        if self.down.get(node_id) == url:
+            del self.down[node_id]
+        self._tries.pop(node_id, None)
+        log.info("peer.reachable", node=name, url=url, tries=tries)
+
+
+async def connects(url: str, ssl_context: ssl.SSLContext | None, timeout_s: float) -> bool:
+    """Whether a connection to `url` (http://host:port, or https:// with `ssl_context`) opens,
+    handshake included, within `timeout_s`; it is closed at once."""
+    scheme, _, hostport = url.partition("://")
+    host, _, port = hostport.rpartition(":")
+    try:
+        async with asyncio.timeout(timeout_s):
+            _, writer = await asyncio.open_connection(
+                host.strip("[]"), int(port), ssl=ssl_context if scheme == "https" else None)
+    except (OSError, TimeoutError, ssl.SSLError, ValueError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError, TimeoutError, ssl.SSLError):
+        async with asyncio.timeout(timeout_s):
+            await writer.wait_closed()
+    return True
+

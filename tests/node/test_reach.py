@@ -1,0 +1,125 @@
+"""Reachability: peers this node failed to connect to are skipped until a background try
+connects (real sockets on loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import AsyncIterator
+
+import pytest
+
+from meshnode.mesh import Member, MemberState
+from meshnode.node import Target
+from meshnode.node.peers import PeerView
+from meshnode.node.reach import Reachability, connects
+
+
+def _free_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+async def reach() -> AsyncIterator[Reachability]:
+    r = Reachability(first_s=0.05, max_s=0.2, timeout_s=1.0)
+    yield r
+    r.close()
+
+
+async def _wait(cond: object, timeout_s: float = 5.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not cond():  # type: ignore[operator]
+            await asyncio.sleep(0.02)
+
+
+def _t(name: str, url: str) -> Target:
+    return Target(f"{name}-id", name, url, False)
+
+
+async def test_skip_leaves_out_a_failed_peer_at_its_url_only(reach: Reachability) -> None:
+    a, b, c = _t("a", "http://127.0.0.1:1"), _t("b", "http://127.0.0.1:2"), \
+        _t("c", "http://127.0.0.1:3")
+    assert reach.skip([a, b, c]) == [a, b, c]
+    reach.failed("b-id", "b", b.url)
+    assert reach.down == {"b-id": b.url}
+    assert reach.skip([a, b, c]) == [a, c]  # order kept
+    assert reach.skip([b]) == [b]  # the only one left is tried anyway
+    moved = _t("b", "http://127.0.0.1:4")  # restarted elsewhere: a new address, tried
+    assert reach.skip([moved, a]) == [moved, a]
+    reach.failed("b-id", "b", b.url)  # reported again: one background try, not two
+    assert len(reach._tries) == 1
+
+
+async def test_a_peer_comes_back_when_a_connection_opens() -> None:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    reach = Reachability(first_s=0.05, max_s=0.1, timeout_s=1.0)
+    try:
+        reach.failed("p-id", "p", url)
+        await asyncio.sleep(0.4)  # several tries, all refused
+        assert reach.down == {"p-id": url}
+        accepted = asyncio.Event()
+
+        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.set()
+            writer.close()
+
+        server = await asyncio.start_server(accept, "127.0.0.1", port)
+        try:
+            await _wait(lambda: not reach.down)
+            assert accepted.is_set()
+            assert not reach._tries  # the try ended with it
+            assert reach.skip([_t("p", url)]) == [_t("p", url)]
+        finally:
+            server.close()
+            await server.wait_closed()
+    finally:
+        reach.close()
+
+
+async def test_forget_and_close_stop_the_tries(reach: Reachability) -> None:
+    reach.failed("a-id", "a", f"http://127.0.0.1:{_free_port()}")
+    reach.failed("b-id", "b", f"http://127.0.0.1:{_free_port()}")
+    tries = list(reach._tries.values())
+    reach.forget("a-id")
+    assert set(reach.down) == {"b-id"}
+    reach.close()
+    reach.close()  # twice is safe
+    assert not reach.down and not reach._tries
+    await asyncio.gather(*tries, return_exceptions=True)
+    assert all(t.cancelled() for t in tries)
+
+
+async def test_a_dead_or_departed_member_is_forgotten() -> None:
+    view = PeerView(lambda: "me", lambda: None, None)
+    try:
+        view.reach.failed("x-id", "x", f"http://127.0.0.1:{_free_port()}")
+        view.gone(Member("x-id", "x", ("127.0.0.1", 1), b"", b"", MemberState.DEAD, 1, 0.0))
+        assert not view.reach.down and not view.reach._tries
+    finally:
+        view.reach.close()
+
+
+async def test_connects_answers_for_open_closed_and_silent_addresses() -> None:
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        assert await connects(f"http://127.0.0.1:{port}", None, 1.0)
+        assert not await connects(f"http://127.0.0.1:{_free_port()}", None, 1.0)
+        assert not await connects("http://127.0.0.1:notaport", None, 1.0)
+        # A listener that closes before the TLS handshake: no connection.
+        assert not await connects(f"https://127.0.0.1:{port}", _client_tls(), 0.5)
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def _client_tls() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
