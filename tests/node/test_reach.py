@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from meshnode.mesh import Member, MemberState
+from meshnode.mesh.certs import init_ca, issue_node_bundle
+from meshnode.mesh.tls import client_context, server_context
 from meshnode.node import Target
 from meshnode.node.peers import PeerView
 from meshnode.node.reach import Reachability, connects
@@ -111,15 +113,40 @@ async def test_connects_answers_for_open_closed_and_silent_addresses() -> None:
         assert await connects(f"http://127.0.0.1:{port}", None, 1.0)
         assert not await connects(f"http://127.0.0.1:{_free_port()}", None, 1.0)
         assert not await connects("http://127.0.0.1:notaport", None, 1.0)
-        # A listener that closes before the TLS handshake: no connection.
-        assert not await connects(f"https://127.0.0.1:{port}", _client_tls(), 0.5)
     finally:
         server.close()
         await server.wait_closed()
 
 
-def _client_tls() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
+async def test_connects_over_node_to_node_mtls(tmp_path: Path) -> None:
+    """In a signed cluster a try is a full mTLS handshake with the node's own context: a
+    listener that is not this cluster's (or closes first) does not count as reachable."""
+    ca = init_ca(tmp_path / "ca", "cluster", b"pw")
+    rogue = init_ca(tmp_path / "rogue", "cluster", b"pw")
+    alice, bob = issue_node_bundle(ca, "alice"), issue_node_bundle(ca, "bob")
+    mallory = issue_node_bundle(rogue, "mallory")
+    handshakes: list[object] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handshakes.append(writer.get_extra_info("ssl_object"))
+        writer.close()
+
+    server = await asyncio.start_server(
+        accept, "127.0.0.1", 0, ssl=server_context(alice.cert, alice.private_key, ca.cert))
+    url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        assert await connects(url, client_context(bob.cert, bob.private_key, ca.cert), 2.0)
+        assert len(handshakes) == 1
+        assert not await connects(url, client_context(mallory.cert, mallory.private_key,
+                                                      rogue.cert), 2.0)
+    finally:
+        server.close()
+        await server.wait_closed()
+    plain = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    try:  # a plain listener that closes at once: no TLS session
+        port = plain.sockets[0].getsockname()[1]
+        assert not await connects(f"https://127.0.0.1:{port}",
+                                  client_context(bob.cert, bob.private_key, ca.cert), 1.0)
+    finally:
+        plain.close()
+        await plain.wait_closed()
