@@ -7,6 +7,7 @@ import errno
 import os
 import socket
 from collections.abc import AsyncIterator
+from typing import Any
 from pathlib import Path
 
 import msgspec
@@ -411,22 +412,31 @@ async def frozen() -> AsyncIterator[str]:
         await srv.wait_closed()
 
 
+async def _waiting_on_a_pooled_connection(up: Upstream, base: str, path: str
+                                          ) -> tuple[asyncio.Future[Any], Any]:
+    """A second request to the frozen server `base` (by `path`: request or splice) on the
+    connection the first left in the pool, still waiting for its answer; (it, the conn)."""
+    async with await up.request("GET", base, "/") as r:
+        assert await r.read() == b"ok"
+    assert len(up._idle[base]) == 1  # the next request reuses it
+    conn = up._idle[base][0]
+    if path == "request":
+        pending = asyncio.ensure_future(up.request("GET", base, "/"))
+    else:
+        pending = asyncio.ensure_future(splice(up, "POST", base, "/x", b"{}", None,
+                                               _Out()))  # type: ignore[arg-type]
+    await asyncio.sleep(0.2)
+    assert not pending.done()
+    return pending, conn
+
+
 @pytest.mark.parametrize("path", ["request", "splice"])
 async def test_drop_fails_requests_waiting_on_a_dead_peer(path: str, frozen: str) -> None:
     """Without drop they wait for ever; with it, one on a pooled connection fails as
     unreachable (not stale: sending it again to the same peer would wait again)."""
     base = frozen
     async with Upstream() as up:
-        async with await up.request("GET", base, "/") as r:
-            assert await r.read() == b"ok"
-        assert len(up._idle[base]) == 1  # the next request reuses it
-        if path == "request":
-            pending = asyncio.ensure_future(up.request("GET", base, "/"))
-        else:
-            pending = asyncio.ensure_future(splice(up, "POST", base, "/x", b"{}", None,
-                                                   _Out()))  # type: ignore[arg-type]
-        await asyncio.sleep(0.2)
-        assert not pending.done()
+        pending, _ = await _waiting_on_a_pooled_connection(up, base, path)
         assert up.drop(base) == 1
         async with asyncio.timeout(2):
             if path == "request":
@@ -463,17 +473,9 @@ async def test_a_request_on_a_connection_that_timed_out_is_unreachable(
     again on a fresh connection (it would wait again); the caller marks it unreachable."""
     base = frozen
     async with Upstream() as up:
-        async with await up.request("GET", base, "/") as r:
-            assert await r.read() == b"ok"
-        conn = up._idle[base][0]
-        if path == "request":
-            pending = asyncio.ensure_future(up.request("GET", base, "/"))
-        else:
-            pending = asyncio.ensure_future(splice(up, "POST", base, "/x", b"{}", None,
-                                                   _Out()))  # type: ignore[arg-type]
-        await asyncio.sleep(0.2)
+        pending, conn = await _waiting_on_a_pooled_connection(up, base, path)
         transport = conn.transport
-        assert transport is not None and not pending.done()
+        assert transport is not None
         conn.connection_lost(TimeoutError(errno.ETIMEDOUT, "Connection timed out"))  # kernel
         transport.abort()
         async with asyncio.timeout(2):
