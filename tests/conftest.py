@@ -82,6 +82,8 @@ class NodeProcess:
         self.data_dir = data_dir
         self.log_path = data_dir.parent / f"{data_dir.name}.log"
         self._log = open(self.log_path, "wb")
+        if "--drain" not in args:  # tests stop nodes one by one: moving replicas would only
+            args = (*args, "--drain", "0")  # slow them down (tests/cluster/test_drain.py)
         self.proc = subprocess.Popen(
             [*wrap, sys.executable, "-m", "meshnode", "start", "--http-port", "0",
              "--gossip-port", "0", "--data-dir", str(data_dir), "--log-format", "json", *args],
@@ -261,13 +263,14 @@ def write_gguf(path: Path, **meta: str) -> Path:
 
 
 @contextlib.contextmanager
-def counting_stream(url: str, model: str) -> Iterator[tuple[socket.socket, bytes]]:
-    """A streamed completion sent on a raw socket (Connection: close) that runs for thousands
-    of tokens: greedy counting cannot reach its end of text soon (a sampled story can). Yields
-    the socket and the bytes read up to its first event."""
+def counting_stream(url: str, model: str, max_tokens: int = 4000
+                    ) -> Iterator[tuple[socket.socket, bytes]]:
+    """A streamed completion sent on a raw socket (Connection: close) that runs for
+    `max_tokens` tokens: greedy counting cannot reach its end of text soon (a sampled story
+    can). Yields the socket and the bytes read up to its first event."""
     host, port = url.removeprefix("http://").split(":")
     body = json.dumps({"model": model, "prompt": "Count from 1 to 1000: 1, 2, 3, 4, 5,",
-                       "stream": True, "max_tokens": 4000, "temperature": 0.0}).encode()
+                       "stream": True, "max_tokens": max_tokens, "temperature": 0.0}).encode()
     with socket.create_connection((host, int(port)), timeout=60) as s:
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                   b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)

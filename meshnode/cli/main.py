@@ -29,7 +29,7 @@ def _start(args: argparse.Namespace) -> int:
     flags = {"host": args.host, "http_port": args.http_port, "name": args.name,
              "data_dir": args.data_dir, "models": tuple(args.model or ()),
              "log_format": args.log_format, "log_level": args.log_level, "grace_s": args.grace,
-             "bind": args.bind, "gossip_port": args.gossip_port,
+             "drain_s": args.drain, "bind": args.bind, "gossip_port": args.gossip_port,
              "advertise_addr": args.advertise_addr, "join": tuple(args.join or ()),
              "mdns": False if args.no_mdns else None, "interface": args.interface,
              "cluster": args.cluster, "mesh_preset": args.mesh_preset,
@@ -213,7 +213,8 @@ def _catalogue(args: argparse.Namespace) -> int:
 def _members(args: argparse.Namespace) -> int:
     data = AdminClient(args.endpoint).request("GET", "/v1/cluster/nodes")["data"]
     rows = [[m["name"] + (" *" if m["local"] else ""), m["node_id"][:12], m["address"],
-             m["state"] + ("" if m.get("reachable", True) else ", unreachable from here"),
+             m["state"] + (", stopping" if m.get("draining") else "")
+             + ("" if m.get("reachable", True) else ", unreachable from here"),
              m["incarnation"], ", ".join(m["models"]) or "-", m["load"],
              _memory(m), ", ".join(m.get("labels", ())) or "-", f"{m['since_s']:.0f}s ago"]
             for m in data]
@@ -249,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--grace", type=float, metavar="SECONDS",
                    help="time in-flight requests get to finish on shutdown (default 10)")
+    p.add_argument("--drain", type=float, metavar="SECONDS",
+                   help="on shutdown, serve this node's replicas until they are ready on other "
+                        "nodes, at most this long (default 60; 0: stop at once)")
     p.add_argument("--config", metavar="FILE", help="TOML config file (or MESHNODE_CONFIG)")
     p.add_argument("--bind", help="address the gossip port binds (default: --host)")
     p.add_argument("--gossip-port", type=int, help="UDP+TCP membership port (default 7701)")

@@ -1,9 +1,10 @@
 """The node's aiohttp application and its lifecycle.
 
 The app holds the node through one cleanup_ctx (entered on startup, closed on shutdown) and a
-typed AppKey; there are no globals. `serve()` runs it until SIGINT/SIGTERM, then stops
-accepting, gives in-flight requests `grace_s` to finish, cancels the rest and stops every
-engine process.
+typed AppKey; there are no globals. `serve()` runs it until SIGINT/SIGTERM, then drains
+(gossips that the node is stopping and keeps serving its replicas until they are ready on
+other nodes, at most `drain_s` or until a second signal), stops accepting, gives in-flight
+requests `grace_s` to finish, cancels the rest and stops every engine process.
 
 The public port's connections start at the front (front.py): it serves inference requests
 itself and hands every other connection to the app's aiohttp server.
@@ -87,10 +88,10 @@ async def serve(config: NodeConfig, ready: asyncio.Event | None = None) -> None:
         internal_url = f"https://{config.host}:{node.internal_port}"
     runner = web.AppRunner(build_app(node), handler_cancellation=True, access_log=None,
                            shutdown_timeout=config.grace_s)
-    stop = asyncio.Event()
+    stop, now = asyncio.Event(), asyncio.Event()  # the first signal, a second one
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, lambda: (now if stop.is_set() else stop).set())
     try:
         await runner.setup()
     except BaseException:
@@ -117,9 +118,16 @@ async def serve(config: NodeConfig, ready: asyncio.Event | None = None) -> None:
         if ready is not None:
             ready.set()
         await stop.wait()
+        if config.drain_s and (moving := node.start_drain()):
+            print(f"meshnode: stopping: serving {', '.join(moving)} until ready on other nodes "
+                  f"(at most {config.drain_s:g} s; signal again to stop now)", flush=True)
+            if left := await node.drain(config.drain_s, now):
+                print(f"meshnode: stopping with {', '.join(left)} not ready elsewhere yet",
+                      flush=True)
         log.info("node.stopping", grace_s=config.grace_s)
     finally:
         if internal is not None:
             await internal.cleanup()
         await runner.cleanup()
         log.info("node.stopped")
+

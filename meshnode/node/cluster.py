@@ -60,6 +60,9 @@ class NodeMeta(msgspec.Struct, frozen=True, array_like=True):
     gpu_mb: tuple[int, ...] = ()
     """Memory (MB) of each of this node's GPUs, by index: a vLLM or SGLang replica takes one
     GPU that fits its model (placement.py)."""
+    draining: bool = False
+    """The node is stopping (SIGINT/SIGTERM): placement moves its replicas elsewhere, and it
+    serves them until their new holders are ready (Node.drain)."""
 
 
 class NodeLoad(msgspec.Struct, frozen=True, array_like=True):
@@ -109,6 +112,8 @@ class MemberView(msgspec.Struct, frozen=True, kw_only=True):
     reachable: bool = True
     """False: this node failed to connect to the member's node-to-node port though membership
     says it is alive (a one-way partition), so it routes around it until a try succeeds."""
+    draining: bool = False
+    """The member is stopping: its replicas move to other nodes (NodeMeta.draining)."""
 
 
 _meta_decoder = msgspec.msgpack.Decoder(NodeMeta)
@@ -298,7 +303,8 @@ class Cluster:
                 local=m.node_id == self.node_id,
                 labels=known.labels if known else (), ram_mb=known.ram_mb if known else 0,
                 gpu_mb=known.gpu_mb if known else (), engines=known.engines if known else (),
-                reachable=m.node_id not in unreachable))
+                reachable=m.node_id not in unreachable,
+                draining=known.draining if known else False))
         return views
 
     def member(self, node_id: str) -> Member | None:

@@ -51,8 +51,13 @@ class NodeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     """console for people, json (one object a line) for log collectors."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Lowest level logged."""
+    drain_s: Annotated[float, Meta(ge=0)] = 60.0
+    """On SIGINT/SIGTERM, how long the node waits for its replicas to be ready on other nodes
+    (placement moves them there) before it stops serving them; 0: stop at once. A second
+    signal cuts the wait short."""
     grace_s: Annotated[float, Meta(ge=0)] = 10.0
-    """On SIGINT/SIGTERM, how long in-flight requests get to finish before they are cancelled."""
+    """On SIGINT/SIGTERM, how long in-flight requests get to finish before they are cancelled;
+    also how long a replica that moved to another node finishes the requests it was serving."""
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 16 * 1024 * 1024
     """Largest request body accepted (413 above): bounds memory per request."""
     engine_threads: Annotated[int, Meta(ge=0)] = 0

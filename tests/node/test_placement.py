@@ -143,6 +143,24 @@ def test_a_dead_node_moves_only_its_own_deployments() -> None:
     assert moved  # c held some of the 200
 
 
+def test_a_stopping_node_hands_on_only_its_own_deployments() -> None:
+    """A draining node (stopping) is no candidate: its deployments go where they would go if
+    it had died, the others stay; with only stopping nodes left, none holds it, and why."""
+    members = {n: meta(n) for n in "abcde"}
+    before = {i: holders(dep(f"m{i}"), members) for i in range(200)}
+    members["c"] = msgspec.structs.replace(members["c"], draining=True)
+    after = {i: holders(dep(f"m{i}"), members) for i in range(200)}
+    del members["c"]
+    assert after == {i: holders(dep(f"m{i}"), members) for i in range(200)}
+    assert {i for i in before if before[i] != after[i]} == {i for i in before
+                                                             if before[i] == ["c"]}
+    stopping = {"a": meta("a"), "b": meta("b")}
+    stopping = {n: msgspec.structs.replace(m, draining=True) for n, m in stopping.items()}
+    assert holders(dep(), stopping) == []
+    assert unplaced_reason(dep(), stopping) == ("every node it may use is stopping (a, b): "
+                                                "start another node")
+
+
 def test_replicas_above_the_candidates_place_on_all_of_them() -> None:
     members = {"a": meta("a"), "b": meta("b")}
     assert sorted(holders(dep(replicas=5), members)) == ["a", "b"]
