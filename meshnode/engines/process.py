@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import itertools
 import os
 import shutil
 import signal
@@ -34,6 +35,8 @@ from .launch import EngineLaunch
 from .servers import Command, command_for
 
 __all__ = ["EngineProcess", "EngineState", "SupervisorConfig"]
+
+_instances = itertools.count(1)
 
 log = structlog.get_logger("meshnode.engines")
 
@@ -69,7 +72,10 @@ class EngineProcess:
                  socket_path: str | None = None) -> None:
         self.launch = launch
         self.config = config or SupervisorConfig()
-        self.socket_path = socket_path or str(run_dir / f"{launch.served_name}.{os.getpid()}.sock")
+        # One path per process object: a replica that moved may still be closing (and then
+        # removes its socket) while a new one of the same model starts on this node.
+        self.socket_path = socket_path or str(
+            run_dir / f"{launch.served_name}.{os.getpid()}.{next(_instances)}.sock")
         self.log_path = log_path
         self.command = command or command_for(launch, self.socket_path)
         self.base_url = self.command.base_url or "http://engine"

@@ -345,7 +345,7 @@ class Node:
                 chosen = where[d.name].holders
                 replica = self.replicas.get(d.name)
                 if self.node_id in chosen:
-                    if replica is None:
+                    if replica is None and not self._reclaim(d):
                         await self._start_replica(d, where[d.name].gpus.get(self.node_id))
                 elif replica is not None and replica.state != "failed" \
                         and placement.can_unload(d.name, chosen, view):
@@ -368,20 +368,33 @@ class Node:
             try:
                 async with asyncio.timeout(self.config.grace_s):
                     await asyncio.sleep(RETIRE_LINGER_S)
-                    while replica.in_flight:
+                    while replica.in_flight and self._moved.get(name) is replica:
                         await asyncio.sleep(0.1)
             except TimeoutError:
                 log.warning("replica.retire_timeout", model=name, in_flight=replica.in_flight)
             finally:
-                if self._moved.get(name) is replica:
+                if self._moved.get(name) is replica:  # not taken back (_reclaim)
                     del self._moved[name]
-                await replica.close()
+                    await replica.close()
 
         name = replica.deployment.name
         self._moved[name] = replica
         task = asyncio.create_task(retire(), name=f"retire:{name}")
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
+
+    def _reclaim(self, d: Deployment) -> bool:
+        """Placement gives us `d` again while our replica that moved is still closing: take it
+        back, loaded as it is, unless `d` changed what it runs."""
+        replica = self._moved.get(d.name)
+        if replica is None or replica.outdated(d) or replica.state != "ready":
+            return False
+        del self._moved[d.name]
+        self.replicas[d.name] = replica
+        log.info("replica.reclaimed", model=d.name)
+        if self.cluster is not None:
+            self.cluster.refresh_meta()
+        return True
 
     async def _start_replica(self, d: Deployment, placed_gpu: int | None) -> None:
         gpu = placement.local_gpu(d, [g.memory_mb for g in self.hardware.gpus] if self.hardware

@@ -7,7 +7,7 @@ answered: none gets the 503 of a model with no ready replica.
 
 A replica that moves (here: re-pinned to another node) takes no new request once its new
 holder is ready, and closes only after the requests it is serving are done: a stream it was
-serving runs to its end.
+serving runs to its end; pinned back meanwhile, its node takes it back without a reload.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, NodePr
 
 @contextmanager
 def requests_through(entry: NodeProcess) -> Iterator[list[tuple[int, str, float]]]:
-    """One 1-token request after another through `entry` while the block runs: (status,
-    serving node, seconds) of each."""
+    """One 1-token request after another through `entry` while the block runs (once the
+    first is answered): (status, serving node, seconds) of each."""
     answers: list[tuple[int, str, float]] = []
     done = threading.Event()
 
@@ -111,19 +111,24 @@ def test_moving_a_replica_loses_no_request(nodes: dict[str, NodeProcess]) -> Non
     drained = [json.loads(line) for line in log.splitlines() if '"node.drained"' in line]
     assert drained and drained[0]["left"] == [], drained
 
-    # 2. Re-pin it to the last node while the current holder streams an answer: the stream
-    # ends normally ([DONE]); requests queued behind it there, the later ones go to the last.
+    # 2. Re-pin it to the last node while the current holder streams an answer, and 3. pin
+    # it back while the stream still runs: the node takes its replica back, engine and all.
+    # The stream ends normally ([DONE]): a moved replica is not closed under it.
     last = next(n for n in "abc" if n not in (holder, new))
     entry = nodes[last]
+    engine = nodes[new].engine_pids()[NAME]
     with counting_stream(entry.url, NAME, max_tokens=1500) as (s, seen):
-        status, _, body = call(entry.url + f"/v1/deployments/{NAME}", "PATCH",
-                               {"nodes": [last]})
-        assert status == 200, body
-        with requests_through(entry) as answers:
-            wait_for(lambda: any(a[1] == last for a in answers), 60, "served by the new one")
+        for pin in (last, new):
+            status, _, body = call(entry.url + f"/v1/deployments/{NAME}", "PATCH",
+                                   {"nodes": [pin]})
+            assert status == 200, body
+            wait_for(lambda pin=pin: ready_nodes(entry, NAME) == [pin], 60, f"moved to {pin}")
         while chunk := s.recv(65536):
             seen += chunk
     events = [line[6:] for line in seen.split(b"\n") if line.startswith(b"data: ")]
-    assert events[-1] == b"[DONE]", events[-3:]  # not cut when its replica moved
-    assert [a[0] for a in answers] == [200] * len(answers), answers
-    assert ready_nodes(entry, NAME) == [last]
+    assert events[-1] == b"[DONE]", events[-3:]
+    assert nodes[new].engine_pids()[NAME] == engine
+    assert '"replica.reclaimed"' in nodes[new].log_path.read_text()
+    status, headers, _ = call(entry.url + "/v1/completions", "POST",
+                              {"model": NAME, "prompt": "Hi", "max_tokens": 1})
+    assert (status, headers["X-Served-By"]) == (200, new)

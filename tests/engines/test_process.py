@@ -45,3 +45,13 @@ async def test_ready_then_crash_restarts_then_close_twice(tmp_path: Path) -> Non
     assert p.state is EngineState.STOPPED
     await p.close()
     assert not Path(sock).exists()
+
+
+def test_two_engines_of_one_model_get_their_own_sockets(tmp_path: Path) -> None:
+    """A replica that moved away may still be closing (and then removes its socket) when a
+    new one of the same model starts on the node: their paths must differ."""
+    first = EngineProcess(LAUNCH, tmp_path, tmp_path / "log", FAST)
+    second = EngineProcess(LAUNCH, tmp_path, tmp_path / "log", FAST)
+    assert first.socket_path != second.socket_path
+    assert all(Path(p).parent == tmp_path and Path(p).name.startswith("m.")
+               for p in (first.socket_path, second.socket_path))
