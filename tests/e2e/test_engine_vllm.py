@@ -213,7 +213,7 @@ def test_killed_server_is_restarted(vllm_node: NodeProcess, client: openai.OpenA
 def test_stop_leaves_no_process_socket_or_temp_files(vllm_node: NodeProcess) -> None:
     pid = vllm_node.engine_pids()[NAME]
     members = group(pid)
-    sockets = list(Path("/tmp").glob(f"meshnode-*/{NAME}.{vllm_node.proc.pid}.sock"))
+    sockets = list(Path("/tmp").glob(f"meshnode-*/{NAME}.{vllm_node.proc.pid}.*.sock"))
     assert len(sockets) == 1 and Path(private_tmp_dir(str(sockets[0]))).is_dir()
     status, body = request(vllm_node.url + f"/v1/deployments/{NAME}", "DELETE")
     assert status == 200, body
