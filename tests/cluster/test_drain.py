@@ -18,11 +18,10 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 from conftest import NodeProcess, counting_stream, get_json, needs_llama, wait_for
-from test_routing import alive, call, ready_nodes
+from test_routing import call, one_replica, ready_nodes, three_nodes
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, needs_llama]
 
@@ -31,20 +30,8 @@ NAME = "moving"
 
 @pytest.fixture
 def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, NodeProcess]]:
-    tmp: Path = tmp_path_factory.mktemp("drain")
-    out: dict[str, NodeProcess] = {}
-    common = ("--mesh-preset", "local", "--no-mdns", "--drain", "60", "--grace", "30")
-    try:
-        out["a"] = NodeProcess(tmp / "a", "--name", "a", *common)
-        for name in "bc":
-            out[name] = NodeProcess(tmp / name, "--name", name, *common,
-                                    "--join", out["a"].gossip)
-        for n in out.values():
-            wait_for(lambda n=n: alive(n) == {"a", "b", "c"}, 20, "joined")
+    with three_nodes(tmp_path_factory.mktemp("drain"), "--drain", "60", "--grace", "30") as out:
         yield out
-    finally:
-        for n in out.values():
-            n.stop(signal.SIGKILL)
 
 
 @contextmanager
@@ -82,13 +69,7 @@ def handed_on(answers: list[tuple[int, str, float]], old: str) -> str:
 
 
 def test_moving_a_replica_loses_no_request(nodes: dict[str, NodeProcess]) -> None:
-    a = nodes["a"]
-    status, _, body = call(a.url + "/v1/deployments", "POST",
-                           {"model": "smollm2-135m-instruct", "name": NAME})
-    assert status == 201, body
-    holder = wait_for(lambda: ready_nodes(a, NAME), 120, "ready")[0]
-    entry = nodes[next(n for n in "abc" if n != holder)]
-    wait_for(lambda: ready_nodes(entry, NAME) == [holder], 10, "entry sees the holder")
+    holder, entry = one_replica(nodes, NAME)
 
     # 1. SIGTERM the holder: it serves until the replica is ready elsewhere, then exits.
     with requests_through(entry) as answers:

@@ -9,13 +9,11 @@ of retrying forever, until the deployment changes.
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from conftest import NodeProcess, get_json, needs_llama, wait_for
-from test_routing import alive, call, chat_body
+from test_routing import call, chat_body, three_nodes
 
 from meshnode.mesh.hashing import rendezvous_top
 
@@ -24,20 +22,9 @@ pytestmark = [pytest.mark.cluster, pytest.mark.e2e, needs_llama]
 
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, NodeProcess]]:
-    tmp: Path = tmp_path_factory.mktemp("failover")
-    out: dict[str, NodeProcess] = {}
-    try:
-        out["a"] = NodeProcess(tmp / "a", "--name", "a", "--mesh-preset", "local", "--no-mdns")
-        for name in ("b", "c"):
-            env = {"MESHNODE_ENGINE_START_TIMEOUT_S": "0.05"} if name == "b" else None
-            out[name] = NodeProcess(tmp / name, "--name", name, "--mesh-preset", "local",
-                                    "--no-mdns", "--join", out["a"].gossip, env=env)
-        for n in out.values():
-            wait_for(lambda n=n: alive(n) == {"a", "b", "c"}, 20, "joined")
+    with three_nodes(tmp_path_factory.mktemp("failover"),  # b cannot start an engine in time
+                     env={"b": {"MESHNODE_ENGINE_START_TIMEOUT_S": "0.05"}}) as out:
         yield out
-    finally:
-        for n in out.values():
-            n.stop(signal.SIGKILL)
 
 
 def test_failed_replica_moves_to_the_next_node(nodes: dict[str, NodeProcess]) -> None:

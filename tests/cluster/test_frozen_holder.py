@@ -14,11 +14,10 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from conftest import NodeProcess, counting_stream, needs_llama, wait_for
-from test_routing import alive, call, ready_nodes
+from test_routing import alive, call, one_replica, three_nodes
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, needs_llama]
 
@@ -27,21 +26,13 @@ NAME = "frozen"
 
 @pytest.fixture
 def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, NodeProcess]]:
-    tmp: Path = tmp_path_factory.mktemp("frozen")
-    out: dict[str, NodeProcess] = {}
-    try:
-        out["a"] = NodeProcess(tmp / "a", "--name", "a", "--mesh-preset", "local", "--no-mdns")
-        for name in "bc":
-            out[name] = NodeProcess(tmp / name, "--name", name, "--mesh-preset", "local",
-                                    "--no-mdns", "--join", out["a"].gossip)
-        for n in out.values():
-            wait_for(lambda n=n: alive(n) == {"a", "b", "c"}, 20, "joined")
-        yield out
-    finally:
-        for n in out.values():
-            if n.proc.poll() is None:
-                os.kill(n.proc.pid, signal.SIGCONT)
-            n.stop(signal.SIGKILL)
+    with three_nodes(tmp_path_factory.mktemp("frozen")) as out:
+        try:
+            yield out
+        finally:  # a frozen node cannot die of SIGKILL until it runs again
+            for n in out.values():
+                if n.proc.poll() is None:
+                    os.kill(n.proc.pid, signal.SIGCONT)
 
 
 def completion(entry: NodeProcess) -> tuple[int, dict[str, str], bytes, float]:
@@ -53,13 +44,7 @@ def completion(entry: NodeProcess) -> tuple[int, dict[str, str], bytes, float]:
 
 def test_requests_to_a_frozen_holder_fail_over_once_it_is_declared_dead(
         nodes: dict[str, NodeProcess]) -> None:
-    a = nodes["a"]
-    status, _, body = call(a.url + "/v1/deployments", "POST",
-                           {"model": "smollm2-135m-instruct", "name": NAME})
-    assert status == 201, body
-    holder = wait_for(lambda: ready_nodes(a, NAME), 120, "ready")[0]
-    entry = nodes[next(n for n in "abc" if n != holder)]
-    wait_for(lambda: ready_nodes(entry, NAME) == [holder], 10, "entry sees the holder")
+    holder, entry = one_replica(nodes, NAME)
     assert completion(entry)[1]["X-Served-By"] == holder  # a pooled connection to it now
 
     with counting_stream(entry.url, NAME) as (s, seen):

@@ -63,14 +63,40 @@ def all_replicas(nodes: list[NodeProcess], name: str = CHAT) -> list[tuple[str, 
     return sorted(out)
 
 
-def start(tmp: Path, name: str, seed: str | None) -> NodeProcess:
-    args = ["--name", name, "--mesh-preset", "local"]
-    return NodeProcess(tmp / name, *args, *(["--join", seed] if seed else []))
-
-
 def alive(node: NodeProcess) -> set[str]:
     return {m["name"] for m in get_json(node.url + "/v1/cluster/nodes")["data"]
             if m["state"] == "alive"}
+
+
+@contextlib.contextmanager
+def three_nodes(tmp: Path, *args: str, env: dict[str, dict[str, str]] | None = None
+                ) -> Iterator[dict[str, NodeProcess]]:
+    """Nodes a, b and c on loopback (local mesh preset, no mDNS; b and c join a), each
+    started with `args` and its `env` entry, all alive in every view; killed on exit."""
+    out: dict[str, NodeProcess] = {}
+    try:
+        for name in "abc":
+            seed = ("--join", out["a"].gossip) if out else ()
+            out[name] = NodeProcess(tmp / name, "--name", name, "--mesh-preset", "local",
+                                    "--no-mdns", *args, *seed, env=(env or {}).get(name))
+        for n in out.values():
+            wait_for(lambda n=n: alive(n) == {"a", "b", "c"}, 20, "joined")
+        yield out
+    finally:
+        for n in out.values():
+            n.stop(signal.SIGKILL)
+
+
+def one_replica(nodes: dict[str, NodeProcess], name: str) -> tuple[str, NodeProcess]:
+    """Launch SmolLM2 as `name` (one replica) from node a; (its holder, another node that
+    sees it ready there)."""
+    status, _, body = call(nodes["a"].url + "/v1/deployments", "POST",
+                           {"model": "smollm2-135m-instruct", "name": name})
+    assert status == 201, body
+    holder = wait_for(lambda: ready_nodes(nodes["a"], name), 120, "ready")[0]
+    entry = nodes[next(n for n in nodes if n != holder)]
+    wait_for(lambda: ready_nodes(entry, name) == [holder], 10, "entry sees the holder")
+    return holder, entry
 
 
 def state_of(node: NodeProcess, name: str) -> str:
@@ -80,18 +106,8 @@ def state_of(node: NodeProcess, name: str) -> str:
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, NodeProcess]]:
-    tmp = tmp_path_factory.mktemp("routing")
-    nodes: dict[str, NodeProcess] = {}
-    try:
-        nodes["a"] = start(tmp, "a", None)
-        for name in ("b", "c"):
-            nodes[name] = start(tmp, name, nodes["a"].gossip)
-        for n in nodes.values():
-            wait_for(lambda n=n: alive(n) == {"a", "b", "c"}, 20, "joined")
+    with three_nodes(tmp_path_factory.mktemp("routing")) as nodes:
         yield nodes
-    finally:
-        for n in nodes.values():
-            n.stop(signal.SIGKILL)
 
 
 def test_launch_on_one_node_route_from_every_node(mesh: dict[str, NodeProcess]) -> None:
