@@ -115,7 +115,7 @@ class Node:
                                  ssl_context=ssl_context, verify=verify)
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._retiring: set[asyncio.Task[None]] = set()  # replicas that moved, closing (_retire)
+        self._retiring: dict[asyncio.Task[None], Replica] = {}  # moved, closing (_retire)
         self._moved: dict[str, Replica] = {}  # those replicas, by deployment name
         self._abilities: dict[str, tuple[int, tuple[str, ...]]] = {}  # name -> (version, ..)
 
@@ -208,10 +208,13 @@ class Node:
         if self.state is NodeState.CLOSED:
             return
         self.state = NodeState.CLOSED
+        retiring = list(self._retiring.values())
         tasks, self._tasks = [*self._tasks, *self._retiring], []
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # A retire cancelled in the middle of closing its replica: close it (twice is safe).
+        await asyncio.gather(*(r.close() for r in retiring), return_exceptions=True)
         self.peers.reach.close()
         await self.sync.close()
         if self.revocation_sync is not None:
@@ -380,8 +383,8 @@ class Node:
         name = replica.deployment.name
         self._moved[name] = replica
         task = asyncio.create_task(retire(), name=f"retire:{name}")
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        self._retiring[task] = replica
+        task.add_done_callback(lambda t: self._retiring.pop(t, None))
 
     def _reclaim(self, d: Deployment) -> bool:
         """Placement gives us `d` again while our replica that moved is still closing: take it

@@ -20,7 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from conftest import NodeProcess, counting_stream, get_json, needs_llama, wait_for
+from conftest import (NodeProcess, counting_stream, get_json, needs_llama, pid_alive,
+                      wait_for)
 from test_routing import call, one_replica, ready_nodes, three_nodes
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, needs_llama]
@@ -72,6 +73,7 @@ def test_moving_a_replica_loses_no_request(nodes: dict[str, NodeProcess]) -> Non
     holder, entry = one_replica(nodes, NAME)
 
     # 1. SIGTERM the holder: it serves until the replica is ready elsewhere, then exits.
+    engine = nodes[holder].engine_pids()[NAME]
     with requests_through(entry) as answers:
         stopping = nodes[holder].proc
         stopping.send_signal(signal.SIGTERM)
@@ -83,6 +85,7 @@ def test_moving_a_replica_loses_no_request(nodes: dict[str, NodeProcess]) -> Non
         count = len(answers)
         wait_for(lambda: len(answers) > count + 5, 30, "answers after the exit")
     new = handed_on(answers, holder)
+    assert stopping.returncode == 0 and not pid_alive(engine)  # its moved engine closed too
     print(f"drain: {holder} exited {exited:.1f} s after SIGTERM; {len(answers)} requests, "
           f"slowest {max(a[2] for a in answers):.2f} s; served by {holder} then {new}")
     assert ready_nodes(entry, NAME) == [new]
