@@ -10,8 +10,7 @@ Background tasks (owned here, cancelled and awaited on close):
   start the replicas this node is a holder of, unload those it no longer holds once their new
   holders are ready, and those whose deployment is gone at once.
 - `_events_loop`: turns membership events into a wake-up of the reconciler.
-- `_retire`, one per replica that moved: takes no new request (out of `replicas` and of our
-  gossip), closes once those it serves are done (at most `grace_s`).
+- one per replica that moved (retiring.py): it finishes what it serves, then closes.
 
 Stopping (`start_drain`, `drain`, before close): the node gossips that it is stopping, so
 placement leaves it out and its replicas move to other nodes while it keeps serving them; the
@@ -49,6 +48,7 @@ from .keysync import NodeKeys
 from .peer_queries import find_spec_anywhere
 from .peers import PLACEMENT_STATES, PeerView, Target
 from .replicas import Replica
+from .retiring import Retiring
 from .prefixes import PrefixLedger
 from .router import Router
 from .security import INTERNAL_REVOCATION_PATH, ClusterSecurity
@@ -58,11 +58,6 @@ from .views import DeploymentView, deployment_view
 __all__ = ["DeploymentView", "Node", "NodeState"]
 
 log = structlog.get_logger("meshnode.node")
-
-
-RETIRE_LINGER_S = 1.0
-"""How long a replica that moved still takes what peers send it: the requests of a peer that
-has not yet heard it moved (gossip spreads it within a probe round or two)."""
 
 
 class NodeState(enum.StrEnum):
@@ -115,8 +110,8 @@ class Node:
                                  ssl_context=ssl_context, verify=verify)
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._retiring: dict[asyncio.Task[None], Replica] = {}  # moved, closing (_retire)
-        self._moved: dict[str, Replica] = {}  # those replicas, by deployment name
+        self.retiring = Retiring(self.config.grace_s)
+        """Our replicas that moved elsewhere, finishing what they serve (retiring.py)."""
         self._abilities: dict[str, tuple[int, tuple[str, ...]]] = {}  # name -> (version, ..)
 
     @property
@@ -208,13 +203,11 @@ class Node:
         if self.state is NodeState.CLOSED:
             return
         self.state = NodeState.CLOSED
-        retiring = list(self._retiring.values())
-        tasks, self._tasks = [*self._tasks, *self._retiring], []
+        tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        # A retire cancelled in the middle of closing its replica: close it (twice is safe).
-        await asyncio.gather(*(r.close() for r in retiring), return_exceptions=True)
+        await self.retiring.close()
         self.peers.reach.close()
         await self.sync.close()
         if self.revocation_sync is not None:
@@ -356,45 +349,20 @@ class Node:
                     # candidates (placement.py) until the deployment changes.
                     log.info("replica.unload", model=d.name, reason="moved",
                              holders=[view[h].name for h in chosen])
-                    self._retire(self.replicas.pop(d.name))
+                    self.retiring.add(self.replicas.pop(d.name))
                     moved = True
         if closing or moved:
             if self.cluster is not None:
                 self.cluster.refresh_meta()
             await asyncio.gather(*(r.close() for r in closing), return_exceptions=True)
 
-    def _retire(self, replica: Replica) -> None:
-        """Close a replica that moved (no longer routed to: it is out of `replicas` and of our
-        gossip) once the requests it is serving are done and peers had RETIRE_LINGER_S to
-        learn it moved, at most `grace_s` from now."""
-        async def retire() -> None:
-            try:
-                async with asyncio.timeout(self.config.grace_s):
-                    await asyncio.sleep(RETIRE_LINGER_S)
-                    while replica.in_flight and self._moved.get(name) is replica:
-                        await asyncio.sleep(0.1)
-            except TimeoutError:
-                log.warning("replica.retire_timeout", model=name, in_flight=replica.in_flight)
-            finally:
-                if self._moved.get(name) is replica:  # not taken back (_reclaim)
-                    del self._moved[name]
-                    await replica.close()
-
-        name = replica.deployment.name
-        self._moved[name] = replica
-        task = asyncio.create_task(retire(), name=f"retire:{name}")
-        self._retiring[task] = replica
-        task.add_done_callback(lambda t: self._retiring.pop(t, None))
-
     def _reclaim(self, d: Deployment) -> bool:
         """Placement gives us `d` again while our replica that moved is still closing: take it
         back, loaded as it is, unless `d` changed what it runs."""
-        replica = self._moved.get(d.name)
-        if replica is None or replica.outdated(d) or replica.state != "ready":
+        replica = self.retiring.take_back(d)
+        if replica is None:
             return False
-        del self._moved[d.name]
         self.replicas[d.name] = replica
-        log.info("replica.reclaimed", model=d.name)
         if self.cluster is not None:
             self.cluster.refresh_meta()
         return True
@@ -577,7 +545,7 @@ class Node:
         is a moment old may still send it requests); ModelNotFound if there is no such
         deployment, ModelUnavailable if this node runs none."""
         self._get(name)
-        replica = self.replicas.get(name) or self._moved.get(name)
+        replica = self.replicas.get(name) or self.retiring.get(name)
         if replica is None:
             raise ModelUnavailable(f"model {name!r} has no replica on node {self.name!r}")
         return replica
