@@ -47,9 +47,9 @@ from .errors import (ConfigError, DeploymentExists, InvalidDeployment, ModelNotF
 from .keysync import NodeKeys
 from .peer_queries import find_spec_anywhere
 from .peers import PLACEMENT_STATES, PeerView, Target
+from .prefixes import PrefixLedger
 from .replicas import Replica
 from .retiring import Retiring
-from .prefixes import PrefixLedger
 from .router import Router
 from .security import INTERNAL_REVOCATION_PATH, ClusterSecurity
 from .sync import DeploymentSync, Peer, TableSync, encode_entries
@@ -325,7 +325,7 @@ class Node:
     async def _reconcile(self) -> None:
         """Start the replicas this node holds; unload those it no longer holds."""
         closing: list[Replica] = []
-        moved = False
+        changed = False  # a replica moved away or came back: gossip it
         async with self._lock:
             if self.state is not NodeState.RUNNING:
                 return
@@ -341,7 +341,10 @@ class Node:
                 chosen = where[d.name].holders
                 replica = self.replicas.get(d.name)
                 if self.node_id in chosen:
-                    if replica is None and not self._reclaim(d):
+                    if replica is None and (back := self.retiring.take_back(d)) is not None:
+                        self.replicas[d.name] = back  # it moved away and is still loaded
+                        changed = True
+                    elif replica is None:
                         await self._start_replica(d, where[d.name].gpus.get(self.node_id))
                 elif replica is not None and replica.state != "failed" \
                         and placement.can_unload(d.name, chosen, view):
@@ -350,22 +353,11 @@ class Node:
                     log.info("replica.unload", model=d.name, reason="moved",
                              holders=[view[h].name for h in chosen])
                     self.retiring.add(self.replicas.pop(d.name))
-                    moved = True
-        if closing or moved:
+                    changed = True
+        if closing or changed:
             if self.cluster is not None:
                 self.cluster.refresh_meta()
             await asyncio.gather(*(r.close() for r in closing), return_exceptions=True)
-
-    def _reclaim(self, d: Deployment) -> bool:
-        """Placement gives us `d` again while our replica that moved is still closing: take it
-        back, loaded as it is, unless `d` changed what it runs."""
-        replica = self.retiring.take_back(d)
-        if replica is None:
-            return False
-        self.replicas[d.name] = replica
-        if self.cluster is not None:
-            self.cluster.refresh_meta()
-        return True
 
     async def _start_replica(self, d: Deployment, placed_gpu: int | None) -> None:
         gpu = placement.local_gpu(d, [g.memory_mb for g in self.hardware.gpus] if self.hardware
