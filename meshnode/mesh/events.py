@@ -6,6 +6,8 @@
     MemberAlive      a suspected member refuted (recovered=False), or a member declared dead
                      came back (recovered=True: treat it like a join)
     MemberDead       a member failed (suspicion timed out somewhere in the cluster)
+    MemberIndirect   a member did not answer this node's ping but answered through another
+                     member's (ping-req): alive, but the direct path from here may be cut
     MemberLeft       a member left gracefully
     MemberLoad       a member's load payload changed
 """
@@ -17,7 +19,7 @@ import msgspec
 from .members import Member
 
 __all__ = [
-    "Event", "MemberAlive", "MemberDead", "MemberJoined", "MemberLeft", "MemberLoad",
+    "Event", "MemberAlive", "MemberDead", "MemberIndirect", "MemberJoined", "MemberLeft", "MemberLoad",
     "MemberSuspected", "MemberUpdated",
 ]
 
@@ -43,6 +45,10 @@ class MemberAlive(Event, frozen=True):
 
 
 class MemberDead(Event, frozen=True):
+    pass
+
+
+class MemberIndirect(Event, frozen=True):
     pass
 
 

@@ -9,6 +9,9 @@ One probe period, T = probe_interval_s * (h + 1) with h the local health score:
                   each answers with the forwarded ack, or a nack after nack_after(config),
                   early enough to reach us before t0 + T; and ping it over TCP too (a lossy
                   UDP path alone does not make it suspect)
+    an ack relayed by a ping-req helper (not from the target's address): the target is
+                  alive but may be out of this node's direct reach; a MemberIndirect event
+                  tells the application, which may check its own paths there
     t0 + T        no UDP ack: if the TCP ping was acked, done (h unchanged); else suspect it
                   and h += missing nacks (or 1 if none were expected)
     an ack        success, h -= 1; the next probe starts at t0 + probe_interval_s (as with
@@ -32,6 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .awareness import Awareness
+from .events import MemberIndirect
 from .config import MeshConfig
 from .members import MemberTable, Node
 from .state import Membership
@@ -68,6 +72,7 @@ class _Probe:
     start: float
     # For a last-chance probe (outside the round-robin): the suspicion it checks.
     check: Suspicion | None = None
+    indirect: bool = False  # ping-reqs (or the TCP ping) went out: the direct ping timed out
     acked: bool = False
     tcp_acked: bool = False
     expected_nacks: int = 0
@@ -122,11 +127,16 @@ class Prober:
 
     # ---- answers -------------------------------------------------------------------------
 
-    def on_ack(self, ack: Ack, now: float) -> None:
+    def on_ack(self, ack: Ack, now: float, src: Addr) -> None:
         probe = self._probes.get(ack.seq)
         if probe is not None:
             if not probe.acked:
                 probe.acked = True
+                if probe.indirect and src != probe.target.addr:
+                    # Relayed: the target answered another member, not us (a late direct
+                    # ack comes from the target's own address).
+                    self._stats["probe.indirect"] += 1
+                    self._state.events.append(MemberIndirect(probe.target.snapshot()))
                 self._acked(probe, ack, now)
             return
         relay = self._relays.pop(ack.seq, None)
@@ -218,6 +228,7 @@ class Prober:
         for peer in peers:
             self._send(peer.addr, [PingReq(probe.seq, target.node_id, target.addr, True)])
         probe.expected_nacks = len(peers)
+        probe.indirect = True
         if self._cfg.tcp_fallback_probe:
             self._stream(target.addr, Ping(probe.seq, target.node_id))
 

@@ -274,7 +274,7 @@ class Swim:
                 load, version = self._local_load()
                 self._send(src, [Ack(seq, self._table.local.inc, load, version)])
             case Ack():
-                self._prober.on_ack(msg, now)
+                self._prober.on_ack(msg, now, src)
             case Nack(seq=seq):
                 self._prober.on_nack(seq)
             case PingReq():

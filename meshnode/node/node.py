@@ -33,7 +33,7 @@ import structlog
 from meshnode import __version__
 from meshnode.engines import (EngineOption, Hardware, SupervisorConfig, detect_hardware,
                               probe_engines)
-from meshnode.mesh import MemberDead, MemberLeft, MemberState
+from meshnode.mesh import MemberDead, MemberIndirect, MemberLeft, MemberState
 from meshnode.mesh.crypto_errors import RevocationError, SecurityError
 from meshnode.mesh.identity import NodeIdentity
 
@@ -296,6 +296,9 @@ class Node:
     async def _events_loop(self) -> None:
         assert self.cluster is not None
         async for event in self.cluster.mesh.events():
+            if isinstance(event, MemberIndirect):  # no change of state: a hint
+                self.peers.check_reach(event.member)
+                continue
             self.peers.changed()  # before the reconciler acts on it (it may unload ours)
             if isinstance(event, MemberDead | MemberLeft):
                 self.peers.gone(event.member)  # in-flight forwards there fail over now

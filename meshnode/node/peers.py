@@ -142,6 +142,13 @@ class PeerView:
             for hook in list(self._gone_hooks):
                 hook(self.url(meta))
 
+    def check_reach(self, member: Member) -> None:
+        """Membership saw `member` answer only through another member: check that this node
+        can still connect to it (reach.check)."""
+        meta = self.decode_meta(member.meta)
+        if meta is not None:
+            self.reach.check(member.node_id, meta.name, self.url(meta))
+
     def contacts(self) -> list[Contact]:
         """(name, node-to-node URL, node id) of every alive peer that listens (a node
         started on port 0 gossips its port once it is bound)."""

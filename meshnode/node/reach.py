@@ -11,6 +11,12 @@ long each time up to PROBE_MAX_S, and lets it back in at the first that succeeds
 request pays the timeout twice in a row. A peer that is declared dead or leaves is forgotten
 (`forget`); one that comes back at another address is not skipped.
 
+Membership can see such a path before any request does: a member that does not answer this
+node's ping but answers the ping-req of another member is alive but maybe out of our reach
+(mesh's MemberIndirect). `check` then tries a connection there in the background, and a failed
+try counts like a failed connect: the first request after it already goes elsewhere. A try
+that connects changes nothing (UDP loss alone makes probes go indirect now and then).
+
 The view is this node's alone, so two nodes may route the same prefix differently while one
 of them cannot reach its owner: the request is served elsewhere (a spill: the prefix does not
 move) instead of failing.
@@ -61,6 +67,7 @@ class Reachability:
         self._ssl = ssl_context
         self._first_s, self._max_s, self._timeout_s = first_s, max_s, timeout_s
         self._tries: dict[str, asyncio.Task[None]] = {}
+        self._checks: dict[str, asyncio.Task[None]] = {}
 
     def failed(self, node_id: str, name: str, url: str) -> None:
         """A connect to node `node_id` (called `name`) at `url` failed: skip it from now on
@@ -75,6 +82,23 @@ class Reachability:
         self._tries[node_id] = asyncio.get_running_loop().create_task(
             self._retry(node_id, name, url), name=f"reach:{name}")
 
+    def check(self, node_id: str, name: str, url: str) -> None:
+        """Membership hints that node `node_id` may be out of reach: try a connection to `url`
+        in the background (one at a time per node, none while it is known down there) and
+        treat a failure as `failed` (needs a running loop)."""
+        if self.down.get(node_id) == url or node_id in self._checks:
+            return
+        self._checks[node_id] = asyncio.get_running_loop().create_task(
+            self._check(node_id, name, url), name=f"reach-check:{name}")
+
+    async def _check(self, node_id: str, name: str, url: str) -> None:
+        try:
+            ok = await connects(url, self._ssl(), self._timeout_s)
+        finally:
+            self._checks.pop(node_id, None)
+        if not ok:
+            self.failed(node_id, name, url)
+
     def skip(self, targets: list[_T]) -> list[_T]:
         """`targets` (in order) without the peers known unreachable at their URL, or all of
         them when none would remain (the last one is then tried anyway)."""
@@ -87,13 +111,14 @@ class Reachability:
     def forget(self, node_id: str) -> None:
         """Node `node_id` was declared dead or left: stop skipping and trying it."""
         self.down.pop(node_id, None)
-        task = self._tries.pop(node_id, None)
-        if task is not None:
-            task.cancel()
+        for tasks in (self._tries, self._checks):
+            task = tasks.pop(node_id, None)
+            if task is not None:
+                task.cancel()
 
     def close(self) -> None:
         """Cancel every background try; the view empties."""
-        for node_id in list(self._tries):
+        for node_id in {*self._tries, *self._checks}:
             self.forget(node_id)
         self.down.clear()
 

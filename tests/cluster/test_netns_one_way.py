@@ -11,7 +11,9 @@ runs inside h0's namespace: nothing here talks to the test subnet from the root 
 The second test cuts only h1's way back to h0 (h0's packets still arrive, nothing comes back:
 connects time out, as across a broken link): h0 must stop routing to h1's replica after one
 failed try (node/reach.py), serve those prefixes from h2 without waiting, and route to h1
-again once the way back is restored.
+again once the way back is restored. Cut a second time with no request in flight, h0 must find
+the broken path from membership's hint alone (h1 answers only through h2) before any request
+pays for it.
 """
 
 from __future__ import annotations
@@ -170,3 +172,17 @@ def test_a_peer_this_node_cannot_connect_to_is_skipped_until_it_can(tmp_path: Pa
         assert members(net, 0)["h1"]["reachable"]
         log = (tmp_path / "h0.log").read_text()
         assert '"peer.unreachable"' in log and '"peer.reachable"' in log
+
+        # Cut again, and send nothing: membership sees h1 answer h0's probes only through
+        # h2 (MemberIndirect), h0 checks its own path there, and no request pays for it.
+        net.exec(1, "ip", "route", "add", "blackhole", f"{net.ips[0]}/32")
+        cut = time.monotonic()
+        wait_for(lambda: not members(net, 0)["h1"]["reachable"], 60,
+                 "h0 finds h1 unreachable with no request sent")
+        print(f"h1 unreachable from h0 {time.monotonic() - cut:.1f} s after the second cut")
+        got = send(*on_h1)
+        print("after the second cut:", got)
+        assert [r["served"] for r in got] == ["h2"] * len(on_h1), got
+        assert all(r["s"] < 3 for r in got), got
+        net.exec(1, "ip", "route", "del", "blackhole", f"{net.ips[0]}/32")
+        wait_for(lambda: send(on_h1[0])[0]["served"] == "h1", 60, "h1 back after the second")

@@ -9,7 +9,7 @@ from meshnode import mesh
 
 MINE = {
     "Addr", "ConfigError", "DecodeError", "Delegate", "Event", "JoinError", "Member",
-    "MemberAlive", "MemberDead", "MemberJoined", "MemberLeft", "MemberLoad", "MemberState",
+    "MemberAlive", "MemberDead", "MemberIndirect", "MemberJoined", "MemberLeft", "MemberLoad", "MemberState",
     "MemberSuspected", "MemberUpdated", "Mesh", "MeshConfig", "MeshError", "MeshState",
     "MeshStateError", "Output", "PacketSealer", "PeerCheck", "PlainSealer", "PROTOCOL_VERSION",
     "StaticDelegate", "Swim",

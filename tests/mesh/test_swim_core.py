@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from meshnode.mesh import (
     ConfigError,
     MemberAlive,
+    MemberIndirect,
     MemberJoined,
     MemberLoad,
     MemberState,
@@ -183,6 +184,33 @@ def test_failed_probe_goes_indirect_then_suspects() -> None:
     assert isinstance(h.events[-1], MemberSuspected)
     assert h.events[-1].member.node_id == ping.target
     assert h.swim.health_score == 1  # one missing nack
+
+
+@pytest.mark.parametrize("relayed", [True, False])
+def test_an_ack_relayed_by_a_helper_says_the_direct_path_may_be_cut(relayed: bool) -> None:
+    h = Harness(peers=5)
+    target_addr, ping = h.run_until_sent(Ping)
+    assert isinstance(ping, Ping)
+    start = h.now
+    h.run_to(start + 0.55)  # no direct ack: ping-reqs go out
+    helper = next(a for a, m in h.pop_sent() if isinstance(m, PingReq))
+    # The helper forwards the target's ack under our seq; a late direct ack comes from the
+    # target's own address.
+    h.recv(Ack(ping.seq, 1), src=helper if relayed else target_addr)
+    h.run_to(start + 1.5)  # past this probe's deadline
+    indirect = [e for e in h.events if isinstance(e, MemberIndirect)]
+    assert [e.member.node_id for e in indirect] == ([ping.target] if relayed else [])
+    assert h.swim.stats["probe.indirect"] == relayed
+    assert not any(isinstance(e, MemberSuspected) for e in h.events)
+    assert h.swim.health_score == 0
+
+
+def test_a_direct_ack_in_time_raises_no_event() -> None:
+    h = Harness(peers=3)
+    target_addr, ping = h.run_until_sent(Ping)
+    h.recv(Ack(ping.seq, 1), src=target_addr)
+    h.run_to(h.now + 2.0)
+    assert not any(isinstance(e, MemberIndirect) for e in h.events)
 
 
 def test_probe_acked_lowers_health_score() -> None:

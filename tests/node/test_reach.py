@@ -83,17 +83,60 @@ async def test_a_peer_comes_back_when_a_connection_opens() -> None:
         reach.close()
 
 
-async def test_forget_and_close_stop_the_tries(reach: Reachability) -> None:
+async def test_a_hint_that_fails_to_connect_marks_the_peer_down(reach: Reachability) -> None:
+    url = f"http://127.0.0.1:{_free_port()}"
+    reach.check("p-id", "p", url)
+    reach.check("p-id", "p", url)  # one check at a time per peer
+    assert len(reach._checks) == 1
+    await _wait(lambda: reach.down)
+    assert reach.down == {"p-id": url} and not reach._checks
+    assert "p-id" in reach._tries  # and it is tried again in the background, as after a
+    reach.check("p-id", "p", url)  # failed connect; known down: no new check
+    assert not reach._checks
+
+
+async def test_a_hint_that_connects_changes_nothing(reach: Reachability) -> None:
+    accepted = asyncio.Event()
+
+    def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set()
+        writer.close()
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    try:
+        reach.check("p-id", "p", f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        await _wait(lambda: not reach._checks)
+        assert accepted.is_set()
+        assert not reach.down and not reach._tries
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_forget_and_close_stop_the_tries(tmp_path: Path) -> None:
+    ca = init_ca(tmp_path / "ca", "cluster", b"pw")
+    bob = issue_node_bundle(ca, "bob")
+    reach = Reachability(lambda: client_context(bob.cert, bob.private_key, ca.cert),
+                         first_s=0.05, max_s=0.2, timeout_s=30.0)
     reach.failed("a-id", "a", f"http://127.0.0.1:{_free_port()}")
     reach.failed("b-id", "b", f"http://127.0.0.1:{_free_port()}")
-    tries = list(reach._tries.values())
+    # A listener that never answers the TLS handshake: the check hangs until cancelled.
+    held: list[asyncio.StreamWriter] = []
+    silent = await asyncio.start_server(lambda r, w: held.append(w), "127.0.0.1", 0)
+    reach.check("c-id", "c", f"https://127.0.0.1:{silent.sockets[0].getsockname()[1]}")
+    await asyncio.sleep(0.1)
+    tries = [*reach._tries.values(), *reach._checks.values()]
     reach.forget("a-id")
     assert set(reach.down) == {"b-id"}
     reach.close()
     reach.close()  # twice is safe
-    assert not reach.down and not reach._tries
+    assert not reach.down and not reach._tries and not reach._checks
     await asyncio.gather(*tries, return_exceptions=True)
-    assert all(t.cancelled() for t in tries)
+    assert len(tries) == 3 and all(t.cancelled() for t in tries)
+    for writer in held:
+        writer.close()
+    silent.close()
+    await silent.wait_closed()
 
 
 async def test_a_dead_or_departed_member_is_forgotten() -> None:
