@@ -484,7 +484,7 @@ class Node:
         """The nodes to try for a request to deployment `name` with routing `key`, in order,
         the load cap each try but the last carries, and the owner's node id (Router.plan);
         `prefix`: a generative request, routed by its prefix's assignment. Peers this node
-        failed to connect to are left out unless none would remain (PeerView.reach).
+        failed to connect to are left out and suspects tried last (PeerView.usable).
         ModelNotFound, or ModelUnavailable (or ModelFailed) when no replica is ready."""
         self._get(name)
         local = self.replicas.get(name)
@@ -495,7 +495,7 @@ class Node:
             if peers.targets:
                 plan = self.router.plan(name, key, peers.loads, peers.ledgers if prefix else None)
                 order = [peers.targets[n] for n in plan.order]
-                return self.peers.reach.skip(order), plan.cap, plan.owner
+                return self.peers.usable(order, peers.suspects), plan.cap, plan.owner
         holders, local = self._holders(name)
         if not holders:
             if local is not None:
@@ -507,7 +507,8 @@ class Node:
         plan = self.router.plan(name, key, {n: h[1] for n, h in holders.items()}, ledgers,
                                 self.node_id if self.node_id in holders else None)
         order = [holders[n][0] for n in plan.order]
-        return self.peers.reach.skip(order), plan.cap, plan.owner
+        return (self.peers.usable(order, self.peers.routing(name).suspects), plan.cap,
+                plan.owner)
 
     def _holders(self, name: str) -> tuple[dict[str, tuple[Target, int, bytes]], Replica | None]:
         """Ready holders of `name` (node id -> Target, load, packed prefixes); our replica."""

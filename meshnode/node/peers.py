@@ -29,8 +29,9 @@ HOLDERS_TTL_S = 0.05
 """How long a deployment's list of ready peers and their gossiped loads is reused."""
 PLACEMENT_STATES = (MemberState.ALIVE, MemberState.SUSPECT)
 """Members placement and routing count on: a suspect keeps its replicas until it is declared
-dead, so a brief suspicion (a busy machine) moves no model and refuses no request; if it is
-really gone, forwarding to it fails at connect and the next replica on the ring is tried."""
+dead, so a brief suspicion (a busy machine) moves no model and refuses no request. Routing
+tries a suspect last (`usable`): a frozen machine accepts connections but answers nothing, and
+a request sent there would wait until membership declares it dead."""
 _CACHE_MAX = 1024
 
 _meta_decoder = msgspec.msgpack.Decoder(NodeMeta)
@@ -57,6 +58,8 @@ class Routing(NamedTuple):
     what it computed from the same object)."""
     sole: Target | None
     """The holder when there is exactly one."""
+    suspects: frozenset[str]
+    """The holders membership suspects (missed their probes: frozen, or very busy)."""
 
 
 class PeerView:
@@ -92,6 +95,11 @@ class PeerView:
 
     def peers(self, states: tuple[MemberState, ...]) -> list[tuple[str, NodeMeta, bytes]]:
         """(node id, meta, load bytes) of the other members in `states` with a valid meta."""
+        return [(node_id, meta, load) for node_id, meta, load, _ in self._members(states)]
+
+    def _members(self, states: tuple[MemberState, ...]
+                 ) -> list[tuple[str, NodeMeta, bytes, MemberState]]:
+        """peers(states), each with its state."""
         cluster = self._cluster()
         if cluster is None:
             return []
@@ -104,7 +112,7 @@ class PeerView:
                 continue
             meta = self.decode_meta(m.meta)
             if meta is not None:
-                out.append((m.node_id, meta, m.load))
+                out.append((m.node_id, meta, m.load, m.state))
         return out
 
     def own_prefixes(self, name: str, live: bytes) -> bytes:
@@ -149,6 +157,15 @@ class PeerView:
         if meta is not None:
             self.reach.check(member.node_id, meta.name, self.url(meta))
 
+    def usable(self, targets: list[Target], suspects: frozenset[str]) -> list[Target]:
+        """`targets` (in order) with the peers this node cannot connect to left out and the
+        `suspects` moved last (Routing.suspects), unless nothing else would remain. The
+        prefix's owner does not change: the next replica serves it as a spill."""
+        if suspects:
+            targets = [t for t in targets if t.node_id not in suspects] + \
+                      [t for t in targets if t.node_id in suspects]
+        return self.reach.skip(targets)
+
     def contacts(self) -> list[Contact]:
         """(name, node-to-node URL, node id) of every alive peer that listens (a node
         started on port 0 gossips its port once it is bound)."""
@@ -189,14 +206,15 @@ class PeerView:
         cached = self._holders.get(name)
         if cached is not None and cached[0] > now:
             return cached
+        members = [m for m in self._members(PLACEMENT_STATES) if (name, "ready") in m[1].replicas]
         holders = {node_id: (Target(node_id, meta.name, self.url(meta), False),
                              replica_in_flight(load, name), dict(meta.prefixes).get(name, b""))
-                   for node_id, meta, load in self.peers(PLACEMENT_STATES)
-                   if (name, "ready") in meta.replicas}
+                   for node_id, meta, load, _ in members}
         targets = {n: h[0] for n, h in holders.items()}
         routing = Routing(targets, {n: h[1] for n, h in holders.items()},
                           MappingProxyType({n: h[2] for n, h in holders.items()}),
-                          next(iter(targets.values())) if len(targets) == 1 else None)
+                          next(iter(targets.values())) if len(targets) == 1 else None,
+                          frozenset(m[0] for m in members if m[3] is MemberState.SUSPECT))
         if len(self._holders) > _CACHE_MAX:
             self._holders.clear()
         cached = self._holders[name] = (now + HOLDERS_TTL_S, holders, routing)

@@ -4,6 +4,11 @@ membership. Once the mesh declares the holder dead, the entry drops its connecti
 stream in flight ends with an error event, a request not yet answered fails over (503 while
 the new holder loads, with Retry-After), and later requests reach the new holder (real nodes,
 real SmolLM2).
+
+With two replicas, requests need not wait that long: on LAN timings a frozen member is
+suspected within a few seconds but declared dead only ~10 s later (Lifeguard waits for
+confirmations), and routing tries a suspect last, so the prefixes it owned are served by the
+other replica meanwhile.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from collections.abc import Iterator
 
 import pytest
 from conftest import NodeProcess, counting_stream, needs_llama, wait_for
-from test_routing import alive, call, one_replica, three_nodes
+from test_routing import alive, call, one_replica, ready_nodes, state_of, three_nodes
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, needs_llama]
 
@@ -72,3 +77,55 @@ def test_requests_to_a_frozen_holder_fail_over_once_it_is_declared_dead(
     assert holder not in alive(entry)
     new = wait_for(lambda: (r := completion(entry))[0] == 200 and r, 120, "served again")
     assert new[1]["X-Served-By"] not in (holder, "")
+
+
+@pytest.fixture
+def lan_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, NodeProcess]]:
+    """Three nodes with the mesh's LAN timings (probe 1 s, suspicion >= 4 s)."""
+    with three_nodes(tmp_path_factory.mktemp("frozen-lan"), "--mesh-preset", "lan") as out:
+        try:
+            yield out
+        finally:
+            for n in out.values():
+                if n.proc.poll() is None:
+                    os.kill(n.proc.pid, signal.SIGCONT)
+
+
+def test_a_suspected_holder_is_tried_last(lan_nodes: dict[str, NodeProcess]) -> None:
+    nodes, entry = lan_nodes, lan_nodes["a"]
+    status, _, body = call(entry.url + "/v1/deployments", "POST", {
+        "model": "smollm2-135m-instruct", "name": NAME, "replicas": 2, "nodes": ["b", "c"]})
+    assert status == 201, body
+    wait_for(lambda: sorted(ready_nodes(entry, NAME)) == ["b", "c"], 120, "ready on b and c")
+
+    def served(prompt: str) -> tuple[str, float]:
+        started = time.monotonic()
+        status, headers, reply = call(entry.url + "/v1/completions", "POST",
+                                      {"model": NAME, "prompt": prompt, "max_tokens": 1})
+        assert status == 200, reply
+        return headers["X-Served-By"], time.monotonic() - started
+
+    prompts = [f"Topic {i}: tell me about {word}." for i, word in enumerate(
+        "rivers mountains deserts forests oceans islands glaciers valleys".split())]
+    passes: list[list[str]] = []  # the prefix assignment settles once ledgers are gossiped
+
+    def settled() -> bool:
+        passes.append([served(p)[0] for p in prompts])
+        return len(passes) >= 3 and passes[-1] == passes[-2] == passes[-3]
+
+    wait_for(settled, 60, "the prefix assignment settles")
+    on_b = [p for p, node in zip(prompts, passes[-1]) if node == "b"]
+    assert on_b and "c" in passes[-1], passes[-1]
+
+    os.kill(nodes["b"].proc.pid, signal.SIGSTOP)
+    frozen = time.monotonic()
+    wait_for(lambda: state_of(entry, "b") == "suspect", 30, "b suspected")
+    print(f"b suspected {time.monotonic() - frozen:.1f} s after the freeze")
+    got = [served(p) for p in on_b]
+    print("while b is suspect:", got)
+    assert state_of(entry, "b") == "suspect"  # not yet dead: this is not the dead path
+    assert [by for by, _ in got] == ["c"] * len(on_b), got
+    assert all(took < 3 for _, took in got), got
+
+    os.kill(nodes["b"].proc.pid, signal.SIGCONT)
+    wait_for(lambda: served(on_b[0])[0] == "b", 60, "b serves its prefixes again")

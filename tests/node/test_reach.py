@@ -1,5 +1,5 @@
 """Reachability: peers this node failed to connect to are skipped until a background try
-connects (real sockets on loopback)."""
+connects (real sockets on loopback); routing tries suspects last."""
 
 from __future__ import annotations
 
@@ -7,13 +7,16 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
+import msgspec
 import pytest
 
 from meshnode.mesh import Member, MemberState
 from meshnode.mesh.certs import init_ca, issue_node_bundle
 from meshnode.mesh.tls import client_context, server_context
 from meshnode.node import Target
+from meshnode.node.cluster import NodeMeta
 from meshnode.node.peers import PeerView
 from meshnode.node.reach import Reachability, connects
 
@@ -145,6 +148,39 @@ async def test_a_dead_or_departed_member_is_forgotten() -> None:
         view.reach.failed("x-id", "x", f"http://127.0.0.1:{_free_port()}")
         view.gone(Member("x-id", "x", ("127.0.0.1", 1), b"", b"", MemberState.DEAD, 1, 0.0))
         assert not view.reach.down and not view.reach._tries
+    finally:
+        view.reach.close()
+
+
+async def test_routing_tries_suspects_last_and_skips_the_unreachable() -> None:
+    """PeerView.usable over the holders gossip shows: a suspect (frozen, or very busy) is
+    moved to the end, a peer this node cannot connect to is left out, and when nothing else
+    is left they are tried anyway, in the plan's order."""
+    states = {"a": MemberState.ALIVE, "b": MemberState.SUSPECT, "c": MemberState.ALIVE,
+              "d": MemberState.DEAD}
+
+    def member(n: str) -> Member:
+        meta = NodeMeta(n, "127.0.0.1", 9000 + ord(n), replicas=(("m", "ready"),))
+        return Member(f"{n}-id", n, ("127.0.0.1", 1), msgspec.msgpack.encode(meta), b"",
+                      states[n], 1, 0.0)
+
+    cluster = SimpleNamespace(mesh=SimpleNamespace(members=lambda: [member(n) for n in states]))
+    view = PeerView(lambda: "me", lambda: cluster, None)  # type: ignore[arg-type,return-value]
+    try:
+        routing = view.routing("m")
+        assert set(routing.targets) == {"a-id", "b-id", "c-id"}  # the dead one is no holder
+        assert routing.suspects == frozenset({"b-id"})
+        a, b, c = (routing.targets[f"{n}-id"] for n in "abc")
+        assert view.usable([b, a, c], routing.suspects) == [a, c, b]
+        assert view.usable([b], routing.suspects) == [b]
+        view.reach.failed("a-id", "a", a.url)
+        assert view.usable([b, a, c], routing.suspects) == [c, b]
+        view.reach.failed("c-id", "c", c.url)
+        assert view.usable([b, a, c], routing.suspects) == [b]
+        assert view.usable([a, c], frozenset()) == [a, c]  # none left: tried anyway
+        states["b"] = MemberState.ALIVE
+        view.changed()  # a membership event: the holders are read afresh
+        assert view.routing("m").suspects == frozenset()
     finally:
         view.reach.close()
 
