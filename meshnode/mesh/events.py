@@ -19,8 +19,8 @@ import msgspec
 from .members import Member
 
 __all__ = [
-    "Event", "MemberAlive", "MemberDead", "MemberIndirect", "MemberJoined", "MemberLeft", "MemberLoad",
-    "MemberSuspected", "MemberUpdated",
+    "Event", "MemberAlive", "MemberDead", "MemberIndirect", "MemberJoined", "MemberLeft",
+    "MemberLoad", "MemberSuspected", "MemberUpdated",
 ]
 
 

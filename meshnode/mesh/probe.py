@@ -35,8 +35,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .awareness import Awareness
-from .events import MemberIndirect
 from .config import MeshConfig
+from .events import MemberIndirect
 from .members import MemberTable, Node
 from .state import Membership
 from .suspicion import Suspicion

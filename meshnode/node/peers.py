@@ -158,9 +158,9 @@ class PeerView:
             self.reach.check(member.node_id, meta.name, self.url(meta))
 
     def usable(self, targets: list[Target], suspects: frozenset[str]) -> list[Target]:
-        """`targets` (in order) with the peers this node cannot connect to left out and the
-        `suspects` moved last (Routing.suspects), unless nothing else would remain. The
-        prefix's owner does not change: the next replica serves it as a spill."""
+        """`targets` (in order) with the `suspects` (Routing.suspects) moved last and the
+        peers this node cannot connect to left out, unless none would remain (reach.skip).
+        The prefix's owner does not change: the next replica serves it as a spill."""
         if suspects:
             targets = [t for t in targets if t.node_id not in suspects] + \
                       [t for t in targets if t.node_id in suspects]

@@ -9,10 +9,10 @@ from meshnode import mesh
 
 MINE = {
     "Addr", "ConfigError", "DecodeError", "Delegate", "Event", "JoinError", "Member",
-    "MemberAlive", "MemberDead", "MemberIndirect", "MemberJoined", "MemberLeft", "MemberLoad", "MemberState",
-    "MemberSuspected", "MemberUpdated", "Mesh", "MeshConfig", "MeshError", "MeshState",
-    "MeshStateError", "Output", "PacketSealer", "PeerCheck", "PlainSealer", "PROTOCOL_VERSION",
-    "StaticDelegate", "Swim",
+    "MemberAlive", "MemberDead", "MemberIndirect", "MemberJoined", "MemberLeft", "MemberLoad",
+    "MemberState", "MemberSuspected", "MemberUpdated", "Mesh", "MeshConfig", "MeshError",
+    "MeshState", "MeshStateError", "Output", "PacketSealer", "PeerCheck", "PlainSealer",
+    "PROTOCOL_VERSION", "StaticDelegate", "Swim",
 }
 
 
