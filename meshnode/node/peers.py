@@ -23,15 +23,22 @@ from .peer_queries import Answer, Contact, ask_peers
 from .reach import Reachability
 from .security import ClusterSecurity
 
-__all__ = ["HOLDERS_TTL_S", "PLACEMENT_STATES", "PeerView", "Routing", "Target"]
+__all__ = ["HOLDERS_TTL_S", "PLACEMENT_STATES", "SUSPECT_GRACE_S", "PeerView", "Routing",
+           "Target"]
 
 HOLDERS_TTL_S = 0.05
 """How long a deployment's list of ready peers and their gossiped loads is reused."""
 PLACEMENT_STATES = (MemberState.ALIVE, MemberState.SUSPECT)
 """Members placement and routing count on: a suspect keeps its replicas until it is declared
 dead, so a brief suspicion (a busy machine) moves no model and refuses no request. Routing
-tries a suspect last (`usable`): a frozen machine accepts connections but answers nothing, and
-a request sent there would wait until membership declares it dead."""
+tries a member suspect for SUSPECT_GRACE_S or more last (`usable`): a frozen machine accepts
+connections but answers nothing, and a request sent there would wait until membership declares
+it dead."""
+SUSPECT_GRACE_S = 1.0
+"""How long a suspicion lasts before routing tries that member last. A member suspected by
+mistake (a busy moment) hears of it and refutes within a gossip round or two, so a shorter
+suspicion moves no prefix; a frozen one stays suspect until declared dead (LAN timings: ~4 s
+or more)."""
 _CACHE_MAX = 1024
 
 _meta_decoder = msgspec.msgpack.Decoder(NodeMeta)
@@ -59,7 +66,8 @@ class Routing(NamedTuple):
     sole: Target | None
     """The holder when there is exactly one."""
     suspects: frozenset[str]
-    """The holders membership suspects (missed their probes: frozen, or very busy)."""
+    """The holders membership has suspected for SUSPECT_GRACE_S or more (they missed their
+    probes: frozen, or very busy)."""
 
 
 class PeerView:
@@ -95,11 +103,10 @@ class PeerView:
 
     def peers(self, states: tuple[MemberState, ...]) -> list[tuple[str, NodeMeta, bytes]]:
         """(node id, meta, load bytes) of the other members in `states` with a valid meta."""
-        return [(node_id, meta, load) for node_id, meta, load, _ in self._members(states)]
+        return [(m.node_id, meta, m.load) for m, meta in self._members(states)]
 
-    def _members(self, states: tuple[MemberState, ...]
-                 ) -> list[tuple[str, NodeMeta, bytes, MemberState]]:
-        """peers(states), each with its state."""
+    def _members(self, states: tuple[MemberState, ...]) -> list[tuple[Member, NodeMeta]]:
+        """The other members in `states` with a valid meta, and that meta."""
         cluster = self._cluster()
         if cluster is None:
             return []
@@ -112,7 +119,7 @@ class PeerView:
                 continue
             meta = self.decode_meta(m.meta)
             if meta is not None:
-                out.append((m.node_id, meta, m.load, m.state))
+                out.append((m, meta))
         return out
 
     def own_prefixes(self, name: str, live: bytes) -> bytes:
@@ -207,14 +214,16 @@ class PeerView:
         if cached is not None and cached[0] > now:
             return cached
         members = [m for m in self._members(PLACEMENT_STATES) if (name, "ready") in m[1].replicas]
-        holders = {node_id: (Target(node_id, meta.name, self.url(meta), False),
-                             replica_in_flight(load, name), dict(meta.prefixes).get(name, b""))
-                   for node_id, meta, load, _ in members}
+        holders = {m.node_id: (Target(m.node_id, meta.name, self.url(meta), False),
+                               replica_in_flight(m.load, name), dict(meta.prefixes).get(name, b""))
+                   for m, meta in members}
         targets = {n: h[0] for n, h in holders.items()}
         routing = Routing(targets, {n: h[1] for n, h in holders.items()},
                           MappingProxyType({n: h[2] for n, h in holders.items()}),
                           next(iter(targets.values())) if len(targets) == 1 else None,
-                          frozenset(m[0] for m in members if m[3] is MemberState.SUSPECT))
+                          frozenset(m.node_id for m, _ in members
+                                    if m.state is MemberState.SUSPECT
+                                    and now - m.state_change >= SUSPECT_GRACE_S))
         if len(self._holders) > _CACHE_MAX:
             self._holders.clear()
         cached = self._holders[name] = (now + HOLDERS_TTL_S, holders, routing)

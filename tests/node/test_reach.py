@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +18,7 @@ from meshnode.mesh.certs import init_ca, issue_node_bundle
 from meshnode.mesh.tls import client_context, server_context
 from meshnode.node import Target
 from meshnode.node.cluster import NodeMeta
-from meshnode.node.peers import PeerView
+from meshnode.node.peers import SUSPECT_GRACE_S, PeerView
 from meshnode.node.reach import Reachability, connects
 
 
@@ -153,22 +154,24 @@ async def test_a_dead_or_departed_member_is_forgotten() -> None:
 
 
 async def test_routing_tries_suspects_last_and_skips_the_unreachable() -> None:
-    """PeerView.usable over the holders gossip shows: a suspect (frozen, or very busy) is
-    moved to the end, a peer this node cannot connect to is left out, and when nothing else
+    """PeerView.usable over the holders gossip shows: a member suspect for SUSPECT_GRACE_S
+    (frozen, or very busy) is moved to the end, a peer this node cannot connect to is left out, and when nothing else
     is left they are tried anyway, in the plan's order."""
     states = {"a": MemberState.ALIVE, "b": MemberState.SUSPECT, "c": MemberState.ALIVE,
-              "d": MemberState.DEAD}
+              "d": MemberState.DEAD, "e": MemberState.SUSPECT}
+    now = time.monotonic()
+    since = {"e": now + 60}  # suspected just now: not yet moved (SUSPECT_GRACE_S)
 
     def member(n: str) -> Member:
         meta = NodeMeta(n, "127.0.0.1", 9000 + ord(n), replicas=(("m", "ready"),))
         return Member(f"{n}-id", n, ("127.0.0.1", 1), msgspec.msgpack.encode(meta), b"",
-                      states[n], 1, 0.0)
+                      states[n], 1, since.get(n, now - SUSPECT_GRACE_S))
 
     cluster = SimpleNamespace(mesh=SimpleNamespace(members=lambda: [member(n) for n in states]))
     view = PeerView(lambda: "me", lambda: cluster, None)  # type: ignore[arg-type,return-value]
     try:
         routing = view.routing("m")
-        assert set(routing.targets) == {"a-id", "b-id", "c-id"}  # the dead one is no holder
+        assert set(routing.targets) == {"a-id", "b-id", "c-id", "e-id"}  # d is dead
         assert routing.suspects == frozenset({"b-id"})
         a, b, c = (routing.targets[f"{n}-id"] for n in "abc")
         assert view.usable([b, a, c], routing.suspects) == [a, c, b]
@@ -179,8 +182,9 @@ async def test_routing_tries_suspects_last_and_skips_the_unreachable() -> None:
         assert view.usable([b, a, c], routing.suspects) == [b]
         assert view.usable([a, c], frozenset()) == [a, c]  # none left: tried anyway
         states["b"] = MemberState.ALIVE
+        since["e"] = now - SUSPECT_GRACE_S  # e has been suspect long enough now
         view.changed()  # a membership event: the holders are read afresh
-        assert view.routing("m").suspects == frozenset()
+        assert view.routing("m").suspects == frozenset({"e-id"})
     finally:
         view.reach.close()
 
