@@ -49,7 +49,9 @@ affinity at best 1 (each replica one prompt when P <= R); with K-entry caches ro
 hits K/P and affinity needs K >= P/R: the ratio cannot exceed R (`--replicas`) in steady state,
 whatever the router or the cache. The benchmark prints that bound next to the measured ratio.
 Multi-turn: with the prompt cache, a round-robin replica still finds the system prompt in
-some saved state (any chat under it), so only the chat history separates the routers.
+some saved state (any chat under it), so only the chat history separates the routers; without
+it, round-robin finds a chat's history where it sent the previous turn, about 1 time in R, so
+the ratio again tends to R at most (bench/affinity_model.py models it at other R).
 """
 
 from __future__ import annotations
