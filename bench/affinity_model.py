@@ -31,21 +31,13 @@ import json
 import random
 import statistics
 from collections import OrderedDict
-from collections.abc import Sequence
+
+from meshnode.engines.prompt_cache import common_prefix
 
 PREFILL_S = 0.0005
 """Seconds per prompt token evaluated (SmolLM2 on these cores is ~20x faster at prefill)."""
 DECODE_S = 0.01
 """Seconds per generated token (~100 tokens/s)."""
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class Replica:
