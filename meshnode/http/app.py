@@ -130,4 +130,3 @@ async def serve(config: NodeConfig, ready: asyncio.Event | None = None) -> None:
             await internal.cleanup()
         await runner.cleanup()
         log.info("node.stopped")
-

@@ -496,7 +496,7 @@ class Node:
                 plan = self.router.plan(name, key, peers.loads, peers.ledgers if prefix else None)
                 order = [peers.targets[n] for n in plan.order]
                 return self.peers.usable(order, peers.suspects), plan.cap, plan.owner
-        holders, local = self._holders(name)
+        holders, local, suspects = self._holders(name)
         if not holders:
             if local is not None:
                 local.session()  # raises ModelFailed / ModelUnavailable saying why
@@ -507,17 +507,19 @@ class Node:
         plan = self.router.plan(name, key, {n: h[1] for n, h in holders.items()}, ledgers,
                                 self.node_id if self.node_id in holders else None)
         order = [holders[n][0] for n in plan.order]
-        return (self.peers.usable(order, self.peers.routing(name).suspects), plan.cap,
-                plan.owner)
+        return self.peers.usable(order, suspects), plan.cap, plan.owner
 
-    def _holders(self, name: str) -> tuple[dict[str, tuple[Target, int, bytes]], Replica | None]:
-        """Ready holders of `name` (node id -> Target, load, packed prefixes); our replica."""
-        holders, local = dict(self.peers.holders(name)), self.replicas.get(name)
+    def _holders(self, name: str) -> tuple[dict[str, tuple[Target, int, bytes]], Replica | None,
+                                           frozenset[str]]:
+        """Ready holders of `name` (node id -> Target, load, packed prefixes); our replica;
+        the peers among them that routing tries last (PeerView.holders)."""
+        peers, suspects = self.peers.holders(name)
+        holders, local = dict(peers), self.replicas.get(name)
         if local is not None and local.state == "ready":
             ours = self.peers.own_prefixes(name, self.prefixes.packed(name))  # as others see
             holders[self.node_id] = (Target(self.node_id, self.name, "", True),
                                      local.in_flight, ours)
-        return holders, local
+        return holders, local, suspects
 
     def serve(self, name: str, key: bytes, prefix: bool, cap: int | None = None,
               spill: bool = False) -> Replica:

@@ -195,13 +195,15 @@ class PeerView:
         for up to HOLDERS_TTL_S and answer 503.)"""
         self._holders.clear()
 
-    def holders(self, name: str) -> dict[str, tuple[Target, int, bytes]]:
+    def holders(self, name: str) -> tuple[dict[str, tuple[Target, int, bytes]], frozenset[str]]:
         """Peers with a ready replica of `name`, their gossiped in-flight counts and the
         prefix ids their replica of `name` served (packed, prefixes.py), reused for
         HOLDERS_TTL_S: gossip refreshes them no faster (loads ride on probes and acks), a
         holder that died meanwhile fails at connect and the next one is tried, and this
-        node's own in-flight counts (Router.forwarded) stay live on top."""
-        return self._cached(name)[1]
+        node's own in-flight counts (Router.forwarded) stay live on top; and the suspects
+        among them (Routing.suspects)."""
+        _, holders, routing = self._cached(name)
+        return holders, routing.suspects
 
     def routing(self, name: str) -> Routing:
         """holders(name) as Router.plan takes them, built once per holders() list (the
