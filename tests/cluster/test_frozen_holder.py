@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import NodeProcess, counting_stream, needs_llama, wait_for
+from conftest import NodeProcess, counting_stream, get_json, needs_llama, wait_for
 from test_routing import alive, call, one_replica, ready_nodes, state_of, three_nodes
 
 from meshnode.node.peers import SUSPECT_GRACE_S
@@ -109,15 +109,19 @@ def test_a_suspected_holder_is_tried_last(lan_nodes: dict[str, NodeProcess]) -> 
 
     prompts = [f"Topic {i}: tell me about {word}." for i, word in enumerate(
         "rivers mountains deserts forests oceans islands glaciers valleys".split())]
-    passes: list[list[str]] = []  # the prefix assignment settles once ledgers are gossiped
+    # The prefix assignment settles once the ledgers are gossiped: on LAN timings a meta
+    # update takes a second or more to spread, so it must hold for 3 s, not just 3 passes.
+    passes: list[tuple[float, list[str]]] = []
 
     def settled() -> bool:
-        passes.append([served(p)[0] for p in prompts])
-        return len(passes) >= 3 and passes[-1] == passes[-2] == passes[-3]
+        passes.append((time.monotonic(), [served(p)[0] for p in prompts]))
+        if len(passes) > 1 and passes[-1][1] != passes[-2][1]:
+            del passes[:-1]  # keep only the current run of equal passes
+        return len(passes) >= 3 and passes[-1][0] - passes[0][0] >= 3.0
 
     wait_for(settled, 60, "the prefix assignment settles")
-    on_b = [p for p, node in zip(prompts, passes[-1]) if node == "b"]
-    assert on_b and "c" in passes[-1], passes[-1]
+    on_b = [p for p, node in zip(prompts, passes[-1][1]) if node == "b"]
+    assert on_b and "c" in passes[-1][1], passes[-1]
 
     os.kill(nodes["b"].proc.pid, signal.SIGSTOP)
     frozen = time.monotonic()
@@ -131,4 +135,17 @@ def test_a_suspected_holder_is_tried_last(lan_nodes: dict[str, NodeProcess]) -> 
     assert all(took < 3 for _, took in got), got
 
     os.kill(nodes["b"].proc.pid, signal.SIGCONT)
-    wait_for(lambda: served(on_b[0])[0] == "b", 60, "b serves its prefixes again")
+    wait_for(lambda: state_of(entry, "b") == "alive", 60, "b alive again")
+    # A spill claims nothing, so b gets its prefixes back, unless it was declared dead
+    # meanwhile (LAN timings: a few seconds after the suspicion, a race here): c then served
+    # them as their owner and claimed them too, and either may own them now.
+    b_id = next(m["node_id"] for m in get_json(entry.url + "/v1/cluster/nodes")["data"]
+                if m["name"] == "b")
+    events = [json.loads(line) for line in entry.log_path.read_text().splitlines()
+              if line.startswith("{")]
+    died = any(e.get("event") == "member.dead" and e.get("node") == b_id for e in events)
+    if died:
+        assert {served(p)[0] for p in on_b} <= {"b", "c"}
+    else:
+        wait_for(lambda: served(on_b[0])[0] == "b", 60, "b serves its prefixes again")
+        assert all(served(p)[0] == "b" for p in on_b)
