@@ -20,6 +20,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import AsyncIterator, Callable
 
+import structlog
 from aiohttp import web
 
 from .keys import NODE
@@ -29,6 +30,8 @@ from .upstream import Upstream
 
 __all__ = ["ENGINE_UPSTREAM", "FORWARD_UPSTREAM", "HOP_HEADER", "HOP_MODE", "answer", "call_for",
            "session_ctx", "upstream_ctx"]
+
+log = structlog.get_logger("meshnode.http")
 
 FORWARD_UPSTREAM = web.AppKey("forward_upstream", Upstream)
 ENGINE_UPSTREAM = web.AppKey("engine_upstream", Upstream)
@@ -40,18 +43,33 @@ def session_ctx(ssl_context: ssl.SSLContext | None = None
                 ) -> Callable[[web.Application], AsyncIterator[None]]:
     """A cleanup_ctx that opens the app's forwarding pool and closes it on shutdown.
     Connecting to a dead peer fails after 5 s; an answer may stream for minutes, so no timeout
-    bounds it: when membership declares the peer dead, its connections are dropped."""
+    bounds it: when membership declares the peer dead, its connections are dropped, and when
+    this node finds it cannot connect there, the requests that have no answer yet move on."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         async with Upstream(ssl_context=ssl_context, connect_timeout_s=5.0) as pool:
             app[FORWARD_UPSTREAM] = pool
-            undo = app[NODE].peers.on_gone(pool.drop)  # a dead peer's requests fail over
+            peers = app[NODE].peers
+            undo = peers.on_gone(pool.drop)  # a dead peer's requests fail over
+            undo_down = peers.on_unreachable(_moving(pool))  # as do unanswered ones
             try:
                 yield
             finally:
                 undo()
+                undo_down()
 
     return ctx
+
+
+def _moving(pool: Upstream) -> Callable[[str], None]:
+    """A hook that aborts the unanswered requests to a URL this node cannot reach, which
+    then go to their next replica."""
+
+    def hook(url: str) -> None:
+        if moved := pool.drop_unanswered(url):
+            log.info("forward.moved", url=url, requests=moved)
+
+    return hook
 
 
 async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -92,7 +92,7 @@ class _Conn(asyncio.Protocol):
         self.received = 0  # bytes received since the current request was sent
         self.idle_since = 0.0
         self.splice: Feed | None = None  # while set, bytes go there instead of buf
-        self.gone = False  # dropped: its peer was declared dead (nothing is stale, retry)
+        self.gone = ""  # why it was dropped (Upstream.drop): nothing is stale, go elsewhere
         self.loop = asyncio.get_running_loop()
         """Kept: each get_running_loop() costs a getpid() syscall on Python 3.11."""
 
@@ -100,11 +100,11 @@ class _Conn(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        self.received += len(data)
         if self.splice is not None:
             self.splice.feed(data)
             return
         self.buf += data
-        self.received += len(data)
         if len(self.buf) > BUFFER_HIGH and not self.paused and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()
@@ -343,17 +343,30 @@ class Upstream:
     def drop(self, base: str) -> int:
         """The server at `base` is gone (membership declared its node dead): close its idle
         connections and abort those in use. A request on one that has no answer yet fails
-        as unreachable (the caller tries another replica) instead of waiting on a peer that
-        will never answer; an answer cut short ends as any broken answer does. How many
-        connections were aborted."""
+        (the caller tries another replica) instead of waiting on a peer that will never
+        answer; an answer cut short ends as any broken answer does. How many connections
+        were aborted."""
+        return self._abort(base, "its node was declared dead", answering=True)
+
+    def drop_unanswered(self, base: str) -> int:
+        """The path to `base` is broken (a connect there failed while membership says its
+        node is alive: node/reach.py): close its idle connections and abort those whose
+        request has no byte of answer yet, which then fail over as with `drop` instead of
+        waiting out UNACKED_S or keepalive. Answers already arriving are left to end by
+        themselves (one way of the path may still work). How many were aborted."""
+        return self._abort(base, "unreachable from this node", answering=False)
+
+    def _abort(self, base: str, why: str, answering: bool) -> int:
         for conn in self._idle.pop(base, ()):
             conn.close()
         aborted = 0
-        for conn in list(self._open.pop(base, ())):
-            if conn.transport is not None:
-                conn.gone = True
+        for conn in list(self._open.get(base, ())):
+            if conn.transport is not None and (answering or not conn.received):
+                conn.gone = why
                 conn.close()
                 aborted += 1
+        if answering:
+            self._open.pop(base, None)
         return aborted
 
     def _put(self, key: str, conn: _Conn) -> None:
@@ -420,7 +433,7 @@ class Upstream:
                 if len(conn.buf) > HEAD_MAX:
                     raise UpstreamError(f"{base}: response head over {HEAD_MAX} bytes")
                 if conn.gone:
-                    raise UpstreamError(f"{base}: its node was declared dead")
+                    raise UpstreamError(f"{base}: {conn.gone}")
                 if conn.eof and conn.received == 0:
                     if timed_out(conn.error):  # sent into a path that broke (UNACKED_S)
                         raise Unreachable(f"{base}: no answer, connection timed out")

@@ -80,8 +80,10 @@ class PeerView:
         self._security = security
         self._metas: dict[bytes, NodeMeta | None] = {}
         self._gone_hooks: list[Callable[[str], object]] = []
+        self._down_hooks: list[Callable[[str], object]] = []
         self.reach = Reachability(
-            lambda: security.client_context() if security is not None else None)
+            lambda: security.client_context() if security is not None else None,
+            on_down=lambda url: [hook(url) for hook in list(self._down_hooks)])
         """Peers this node failed to connect to, which routing skips (reach.py)."""
         # deployment -> (valid until, {peer id: (Target, gossiped in-flight, packed ids)})
         self._holders: dict[str, tuple[float, dict[str, tuple[Target, int, bytes]],
@@ -148,6 +150,13 @@ class PeerView:
         it dead or it leaves (a forwarding pool drops its connections there); the undo."""
         self._gone_hooks.append(hook)
         return lambda: self._gone_hooks.remove(hook)
+
+    def on_unreachable(self, hook: Callable[[str], object]) -> Callable[[], None]:
+        """Have `hook(url)` called with a peer's node-to-node URL when this node finds it
+        cannot connect there (reach.py: a forwarding pool moves the requests waiting on it);
+        the undo."""
+        self._down_hooks.append(hook)
+        return lambda: self._down_hooks.remove(hook)
 
     def gone(self, member: Member) -> None:
         """Membership declared `member` dead, or it left: tell the on_gone hooks."""

@@ -17,6 +17,11 @@ node's ping but answers the ping-req of another member is alive but maybe out of
 try counts like a failed connect: the first request after it already goes elsewhere. A try
 that connects changes nothing (UDP loss alone makes probes go indirect now and then).
 
+Requests already sent there when the peer is found unreachable (by a failed connect or a
+failed check) and still without any answer are moved too: `on_down` tells the forwarding pool,
+which aborts them, and each is tried on its next replica (Upstream.drop_unanswered) instead of
+waiting for the unacknowledged-data timeout (10 s) or keepalive (20-30 s).
+
 The view is this node's alone, so two nodes may route the same prefix differently while one
 of them cannot reach its owner: the request is served elsewhere (a spill: the prefix does not
 move) instead of failing.
@@ -60,11 +65,14 @@ class Reachability:
     Closing it (`close`, twice is safe) cancels its background tries."""
 
     def __init__(self, ssl_context: Callable[[], ssl.SSLContext | None] = lambda: None, *,
+                 on_down: Callable[[str], object] = lambda url: None,
                  first_s: float = PROBE_FIRST_S, max_s: float = PROBE_MAX_S,
                  timeout_s: float = PROBE_TIMEOUT_S) -> None:
         self.down: dict[str, str] = {}
         """Node id -> the URL a connect to it failed at, until a try there succeeds."""
         self._ssl = ssl_context
+        self._on_down = on_down
+        """Called with the URL each time a peer becomes unreachable there."""
         self._first_s, self._max_s, self._timeout_s = first_s, max_s, timeout_s
         self._tries: dict[str, asyncio.Task[None]] = {}
         self._checks: dict[str, asyncio.Task[None]] = {}
@@ -81,6 +89,7 @@ class Reachability:
                          "connection succeeds; check the network between the two machines")
         self._tries[node_id] = asyncio.get_running_loop().create_task(
             self._retry(node_id, name, url), name=f"reach:{name}")
+        self._on_down(url)
 
     def check(self, node_id: str, name: str, url: str) -> None:
         """Membership hints that node `node_id` may be out of reach: try a connection to `url`

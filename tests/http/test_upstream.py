@@ -447,6 +447,69 @@ async def test_drop_fails_requests_waiting_on_a_dead_peer(path: str, frozen: str
         assert not up._idle.get(base) and up.drop(base) == 0
 
 
+@pytest.fixture
+async def half_frozen() -> AsyncIterator[str]:
+    """A server that streams five chunks, 0.1 s apart, to GET /stream, and reads and never
+    answers any other request: a peer whose path back to us broke after some answers began."""
+    tasks: list[asyncio.Task[None]] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        tasks.append(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if head.startswith(b"GET /stream "):
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                for _ in range(5):
+                    await asyncio.sleep(0.1)
+                    writer.write(b"1\r\nx\r\n")
+                writer.write(b"0\r\n\r\n")
+            while await reader.read(65536):
+                pass
+        finally:
+            writer.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}"
+    finally:
+        srv.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await srv.wait_closed()
+
+
+@pytest.mark.parametrize("path", ["request", "splice"])
+async def test_drop_unanswered_moves_waiting_requests_and_leaves_answers_alone(
+        path: str, half_frozen: str) -> None:
+    """A peer found unreachable (node/reach.py): a request with no byte of answer yet fails
+    at once, to be tried elsewhere; one whose answer is arriving streams to its end."""
+    base = half_frozen
+    async with Upstream() as up:
+        async with await up.request("GET", base, "/stream") as r:
+            assert await r.read() == b"xxxxx"
+        assert len(up._idle[base]) == 1  # the waiting request reuses it: answered before
+        if path == "request":
+            waiting = asyncio.ensure_future(up.request("GET", base, "/wait"))
+        else:
+            waiting = asyncio.ensure_future(splice(up, "POST", base, "/wait", b"{}", None,
+                                                   _Out()))  # type: ignore[arg-type]
+        await asyncio.sleep(0.1)
+        answering = await up.request("GET", base, "/stream")
+        assert not waiting.done()
+        assert up.drop_unanswered(base) == 1
+        async with asyncio.timeout(2):
+            if path == "request":
+                with pytest.raises(UpstreamError, match="unreachable from this node"):
+                    await waiting
+            else:
+                assert (await waiting).outcome == "failed"  # not stale: not the same peer
+            assert b"".join([c async for c in answering.iter_chunks()]) == b"xxxxx"
+        answering.release()
+        assert up.drop_unanswered(base) == 0  # the idle one is closed, not counted
+        assert not up._idle.get(base)
+
+
 async def test_peer_connections_probe_a_silent_peer_with_tcp_keepalive(frozen: str) -> None:
     """A peer cut off the network (not declared dead, e.g. a one-way partition) breaks its
     connections after KEEPALIVE's probes instead of leaving an answer waited for for ever."""

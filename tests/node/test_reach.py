@@ -143,6 +143,29 @@ async def test_forget_and_close_stop_the_tries(tmp_path: Path) -> None:
     await silent.wait_closed()
 
 
+async def test_a_peer_found_unreachable_tells_the_hooks_once() -> None:
+    """Each time a peer becomes unreachable at a URL (a failed connect, or a failed check),
+    PeerView's on_unreachable hooks hear of it once: the forwarding pool then moves the
+    requests still waiting there (Upstream.drop_unanswered)."""
+    view = PeerView(lambda: "me", lambda: None, None)
+    heard: list[str] = []
+    undo = view.on_unreachable(heard.append)
+    a, b = f"http://127.0.0.1:{_free_port()}", f"http://127.0.0.1:{_free_port()}"
+    try:
+        view.reach.failed("a-id", "a", a)
+        view.reach.failed("a-id", "a", a)  # reported again while down: nothing new
+        assert heard == [a]
+        view.reach.check("b-id", "b", b)
+        await _wait(lambda: len(heard) == 2)
+        assert heard == [a, b]
+        undo()
+        view.reach.forget("a-id")
+        view.reach.failed("a-id", "a", a)
+        assert heard == [a, b]  # undone
+    finally:
+        view.reach.close()
+
+
 async def test_a_dead_or_departed_member_is_forgotten() -> None:
     view = PeerView(lambda: "me", lambda: None, None)
     try:
