@@ -51,23 +51,23 @@ def session_ctx(ssl_context: ssl.SSLContext | None = None
             app[FORWARD_UPSTREAM] = pool
             peers = app[NODE].peers
             undo = peers.on_gone(pool.drop)  # a dead peer's requests fail over
-            undo_down = peers.on_unreachable(_moving(pool))  # as do unanswered ones
+            undo_stuck = peers.on_stuck(_moving(pool))  # as do unanswered ones
             try:
                 yield
             finally:
                 undo()
-                undo_down()
+                undo_stuck()
 
     return ctx
 
 
-def _moving(pool: Upstream) -> Callable[[str], None]:
-    """A hook that aborts the unanswered requests to a URL this node cannot reach, which
-    then go to their next replica."""
+def _moving(pool: Upstream) -> Callable[[str, str], None]:
+    """An on_stuck hook: abort the requests waiting on a peer that is likely not to answer
+    and have no answer yet, which then go to their next replica."""
 
-    def hook(url: str) -> None:
-        if moved := pool.drop_unanswered(url):
-            log.info("forward.moved", url=url, requests=moved)
+    def hook(url: str, why: str) -> None:
+        if moved := pool.drop_unanswered(url, why):
+            log.info("forward.moved", url=url, requests=moved, why=why)
 
     return hook
 

@@ -271,7 +271,8 @@ async def _forward(call: Call, name: str, target: Target, path: str, body: bytes
         if sink.transport is not None:
             return await _splice(call, target, path, body, headers, final, sink)
         try:
-            upstream = await call.peers.request("POST", target.url, path, body, headers)
+            upstream = await call.peers.request("POST", target.url, path, body, headers,
+                                                movable=not final)
         except UpstreamError as exc:
             log.info("forward.failed", node=target.name, error=str(exc))
             if isinstance(exc, Unreachable):

@@ -89,7 +89,7 @@ def _begin(pool: Upstream, base: str, conn: _Conn, data: bytes, out: asyncio.Tra
                              and not check(transport.get_extra_info("ssl_object"))):
         conn.close()
         return None
-    conn.received = 0  # the answer's bytes, for Upstream.drop_unanswered
+    conn.received, conn.movable = 0, retry_503  # for Upstream.drop_unanswered
     transport.write(data)  # first: the answer cannot arrive before this returns to the loop
     started = conn.splice = Splice(pool, base, conn, out, extra_head, retry_503, watcher)
     return started

@@ -93,6 +93,7 @@ class _Conn(asyncio.Protocol):
         self.idle_since = 0.0
         self.splice: Feed | None = None  # while set, bytes go there instead of buf
         self.gone = ""  # why it was dropped (Upstream.drop): nothing is stale, go elsewhere
+        self.movable = True  # its request has another replica to try (drop_unanswered)
         self.loop = asyncio.get_running_loop()
         """Kept: each get_running_loop() costs a getpid() syscall on Python 3.11."""
 
@@ -348,20 +349,23 @@ class Upstream:
         were aborted."""
         return self._abort(base, "its node was declared dead", answering=True)
 
-    def drop_unanswered(self, base: str) -> int:
-        """The path to `base` is broken (a connect there failed while membership says its
-        node is alive: node/reach.py): close its idle connections and abort those whose
-        request has no byte of answer yet, which then fail over as with `drop` instead of
-        waiting out UNACKED_S or keepalive. Answers already arriving are left to end by
-        themselves (one way of the path may still work). How many were aborted."""
-        return self._abort(base, "unreachable from this node", answering=False)
+    def drop_unanswered(self, base: str, why: str) -> int:
+        """The server at `base` is likely not answering (`why`: this node cannot connect
+        there, or membership has suspected its node for a while: node/peers.py): close its
+        idle connections and abort those whose request has no byte of answer yet and
+        another replica to try (`movable`), which then fail over as with `drop` instead of
+        waiting out UNACKED_S, keepalive or a death. Answers already arriving are left to
+        end by themselves, and so are requests with nowhere else to go. How many were
+        aborted."""
+        return self._abort(base, why, answering=False)
 
     def _abort(self, base: str, why: str, answering: bool) -> int:
         for conn in self._idle.pop(base, ()):
             conn.close()
         aborted = 0
         for conn in list(self._open.get(base, ())):
-            if conn.transport is not None and (answering or not conn.received):
+            if conn.transport is not None and (answering
+                                               or (not conn.received and conn.movable)):
                 conn.gone = why
                 conn.close()
                 aborted += 1
@@ -408,26 +412,30 @@ class Upstream:
         return conn
 
     async def request(self, method: str, base: str, path: str, body: bytes = b"",
-                      headers: Mapping[str, str] | bytes | None = None) -> UpstreamResponse:
-        """Send one request to `base` (an address as above) and read the answer's head.
+                      headers: Mapping[str, str] | bytes | None = None, *,
+                      movable: bool = True) -> UpstreamResponse:
+        """Send one request to `base` (an address as above) and read the answer's head;
+        `movable`: the caller has another upstream to try if this one is dropped before it
+        answers (drop_unanswered).
 
         UpstreamError when the upstream cannot be reached or breaks off before its head."""
         data = encode_request(method, base, path, body, headers)
         conn = self._get(base)
         if conn is not None:
             try:
-                return await self._exchange(base, conn, data)
+                return await self._exchange(base, conn, data, movable)
             except _Stale:
                 pass  # closed by the peer while idle: the request was never processed
         try:
-            return await self._exchange(base, await self._connect(base), data)
+            return await self._exchange(base, await self._connect(base), data, movable)
         except _Stale:
             raise UpstreamError(f"{base} closed the connection without answering") from None
 
-    async def _exchange(self, base: str, conn: _Conn, data: bytes) -> UpstreamResponse:
+    async def _exchange(self, base: str, conn: _Conn, data: bytes,
+                        movable: bool) -> UpstreamResponse:
         try:
             assert conn.transport is not None
-            conn.received = 0
+            conn.received, conn.movable = 0, movable
             conn.transport.write(data)
             while (end := conn.buf.find(b"\r\n\r\n")) < 0:
                 if len(conn.buf) > HEAD_MAX:

@@ -33,7 +33,7 @@ import structlog
 from meshnode import __version__
 from meshnode.engines import (EngineOption, Hardware, SupervisorConfig, detect_hardware,
                               probe_engines)
-from meshnode.mesh import MemberDead, MemberIndirect, MemberLeft, MemberState
+from meshnode.mesh import MemberDead, MemberIndirect, MemberLeft, MemberState, MemberSuspected
 from meshnode.mesh.crypto_errors import RevocationError, SecurityError
 from meshnode.mesh.identity import NodeIdentity
 
@@ -208,7 +208,7 @@ class Node:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.retiring.close()
-        self.peers.reach.close()
+        self.peers.close()
         await self.sync.close()
         if self.revocation_sync is not None:
             await self.revocation_sync.close()
@@ -302,6 +302,8 @@ class Node:
             self.peers.changed()  # before the reconciler acts on it (it may unload ours)
             if isinstance(event, MemberDead | MemberLeft):
                 self.peers.gone(event.member)  # in-flight forwards there fail over now
+            elif isinstance(event, MemberSuspected):
+                self.peers.suspected(event.member)  # and unanswered ones once it lasts
             self._wake.set()
 
     async def _reconcile_loop(self) -> None:

@@ -8,6 +8,7 @@ HOLDERS_TTL_S.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from collections.abc import Callable
@@ -33,12 +34,13 @@ PLACEMENT_STATES = (MemberState.ALIVE, MemberState.SUSPECT)
 dead, so a brief suspicion (a busy machine) moves no model and refuses no request. Routing
 tries a member suspect for SUSPECT_GRACE_S or more last (`usable`): a frozen machine accepts
 connections but answers nothing, and a request sent there would wait until membership declares
-it dead."""
+it dead. Requests already sent to it and not answered yet move on too (`suspected`)."""
 SUSPECT_GRACE_S = 1.0
-"""How long a suspicion lasts before routing tries that member last. A member suspected by
-mistake (a busy moment) hears of it and refutes within a gossip round or two, so a shorter
-suspicion moves no prefix; a frozen one stays suspect until declared dead (LAN timings: ~4 s
-or more)."""
+"""How long a suspicion lasts before routing tries that member last and the requests waiting
+on it with no answer yet and another replica to try go there. A member suspected by mistake
+(a busy moment) hears of it and refutes within a gossip round or two, so a shorter suspicion
+moves no prefix and no request; a frozen one stays suspect until declared dead (LAN timings:
+~4 s or more)."""
 _CACHE_MAX = 1024
 
 _meta_decoder = msgspec.msgpack.Decoder(NodeMeta)
@@ -80,10 +82,11 @@ class PeerView:
         self._security = security
         self._metas: dict[bytes, NodeMeta | None] = {}
         self._gone_hooks: list[Callable[[str], object]] = []
-        self._down_hooks: list[Callable[[str], object]] = []
+        self._stuck_hooks: list[Callable[[str, str], object]] = []
+        self._watches: dict[str, asyncio.TimerHandle] = {}  # suspects, by node id
         self.reach = Reachability(
             lambda: security.client_context() if security is not None else None,
-            on_down=lambda url: [hook(url) for hook in list(self._down_hooks)])
+            on_down=lambda url: self._stuck(url, "unreachable from this node"))
         """Peers this node failed to connect to, which routing skips (reach.py)."""
         # deployment -> (valid until, {peer id: (Target, gossiped in-flight, packed ids)})
         self._holders: dict[str, tuple[float, dict[str, tuple[Target, int, bytes]],
@@ -151,16 +154,52 @@ class PeerView:
         self._gone_hooks.append(hook)
         return lambda: self._gone_hooks.remove(hook)
 
-    def on_unreachable(self, hook: Callable[[str], object]) -> Callable[[], None]:
-        """Have `hook(url)` called with a peer's node-to-node URL when this node finds it
-        cannot connect there (reach.py: a forwarding pool moves the requests waiting on it);
+    def on_stuck(self, hook: Callable[[str, str], object]) -> Callable[[], None]:
+        """Have `hook(url, why)` called with a peer's node-to-node URL when it is likely not
+        to answer: this node cannot connect there (reach.py), or membership has suspected it
+        for SUSPECT_GRACE_S (`suspected`). A forwarding pool moves the requests waiting on it;
         the undo."""
-        self._down_hooks.append(hook)
-        return lambda: self._down_hooks.remove(hook)
+        self._stuck_hooks.append(hook)
+        return lambda: self._stuck_hooks.remove(hook)
+
+    def _stuck(self, url: str, why: str) -> None:
+        for hook in list(self._stuck_hooks):
+            hook(url, why)
+
+    def suspected(self, member: Member) -> None:
+        """Membership suspects `member`: if it still does SUSPECT_GRACE_S later at the same
+        incarnation (it did not refute: frozen, or cut off), tell the on_stuck hooks (needs a
+        running loop)."""
+        watch = self._watches.pop(member.node_id, None)
+        if watch is not None:
+            watch.cancel()
+        self._watches[member.node_id] = asyncio.get_running_loop().call_later(
+            SUSPECT_GRACE_S, self._still_suspect, member.node_id, member.incarnation)
+
+    def _still_suspect(self, node_id: str, incarnation: int) -> None:
+        self._watches.pop(node_id, None)
+        cluster = self._cluster()
+        for m in cluster.mesh.members() if cluster is not None else ():
+            if m.node_id == node_id and m.state is MemberState.SUSPECT \
+                    and m.incarnation == incarnation:
+                meta = self.decode_meta(m.meta)
+                if meta is not None:
+                    self._stuck(self.url(meta), f"its node {meta.name} is suspected by "
+                                                f"membership (not answering probes)")
+
+    def close(self) -> None:
+        """Stop the background tries and suspicion watches; safe to call twice."""
+        self.reach.close()
+        for watch in self._watches.values():
+            watch.cancel()
+        self._watches.clear()
 
     def gone(self, member: Member) -> None:
         """Membership declared `member` dead, or it left: tell the on_gone hooks."""
         self.reach.forget(member.node_id)
+        watch = self._watches.pop(member.node_id, None)
+        if watch is not None:
+            watch.cancel()
         meta = self.decode_meta(member.meta)
         if meta is not None:
             for hook in list(self._gone_hooks):

@@ -125,6 +125,9 @@ def test_a_suspected_holder_is_tried_last(lan_nodes: dict[str, NodeProcess]) -> 
 
     os.kill(nodes["b"].proc.pid, signal.SIGSTOP)
     frozen = time.monotonic()
+    caught: list[tuple[str, float]] = []  # sent to b just after the freeze: no answer comes
+    sender = threading.Thread(target=lambda: caught.append(served(on_b[0])))
+    sender.start()
     wait_for(lambda: state_of(entry, "b") == "suspect", 30, "b suspected")
     print(f"b suspected {time.monotonic() - frozen:.1f} s after the freeze")
     time.sleep(SUSPECT_GRACE_S)  # a suspicion that short is likely a busy moment: ignored
@@ -133,6 +136,14 @@ def test_a_suspected_holder_is_tried_last(lan_nodes: dict[str, NodeProcess]) -> 
     assert state_of(entry, "b") == "suspect"  # not yet dead: this is not the dead path
     assert [by for by, _ in got] == ["c"] * len(on_b), got
     assert all(took < 3 for _, took in got), got
+    # The request caught by the freeze moved to c once the suspicion lasted, without
+    # waiting for b to be declared dead (that path drops connections but logs no move).
+    sender.join(30)
+    print("caught by the freeze:", caught)
+    assert caught and caught[0][0] == "c", caught
+    moved = [e for e in (json.loads(line) for line in entry.log_path.read_text().splitlines()
+                         if line.startswith("{")) if e.get("event") == "forward.moved"]
+    assert moved and "suspected" in moved[0]["why"], moved
 
     os.kill(nodes["b"].proc.pid, signal.SIGCONT)
     wait_for(lambda: state_of(entry, "b") == "alive", 60, "b alive again")

@@ -482,8 +482,9 @@ async def half_frozen() -> AsyncIterator[str]:
 @pytest.mark.parametrize("path", ["request", "splice"])
 async def test_drop_unanswered_moves_waiting_requests_and_leaves_answers_alone(
         path: str, half_frozen: str) -> None:
-    """A peer found unreachable (node/reach.py): a request with no byte of answer yet fails
-    at once, to be tried elsewhere; one whose answer is arriving streams to its end."""
+    """A peer likely not to answer (node/reach.py, node/peers.py): a request with no byte of
+    answer yet and another replica to try fails at once, to be tried there; one whose answer
+    is arriving streams to its end; one with nowhere else to go keeps waiting."""
     base = half_frozen
     async with Upstream() as up:
         async with await up.request("GET", base, "/stream") as r:
@@ -492,12 +493,15 @@ async def test_drop_unanswered_moves_waiting_requests_and_leaves_answers_alone(
         if path == "request":
             waiting = asyncio.ensure_future(up.request("GET", base, "/wait"))
         else:
-            waiting = asyncio.ensure_future(splice(up, "POST", base, "/wait", b"{}", None,
-                                                   _Out()))  # type: ignore[arg-type]
+            out: Any = _Out()
+            waiting = asyncio.ensure_future(splice(up, "POST", base, "/wait", b"{}", None, out,
+                                                   retry_503=True))
         await asyncio.sleep(0.1)
         answering = await up.request("GET", base, "/stream")
-        assert not waiting.done()
-        assert up.drop_unanswered(base) == 1
+        last = asyncio.ensure_future(up.request("GET", base, "/wait", movable=False))
+        await asyncio.sleep(0.1)
+        assert not waiting.done() and not last.done()
+        assert up.drop_unanswered(base, "unreachable from this node") == 1
         async with asyncio.timeout(2):
             if path == "request":
                 with pytest.raises(UpstreamError, match="unreachable from this node"):
@@ -506,8 +510,12 @@ async def test_drop_unanswered_moves_waiting_requests_and_leaves_answers_alone(
                 assert (await waiting).outcome == "failed"  # not stale: not the same peer
             assert b"".join([c async for c in answering.iter_chunks()]) == b"xxxxx"
         answering.release()
-        assert up.drop_unanswered(base) == 0  # the idle one is closed, not counted
+        assert not last.done()  # nowhere else to go: it waits (until the peer is dead)
+        assert up.drop_unanswered(base, "again") == 0  # the idle one is closed, not counted
         assert not up._idle.get(base)
+        assert up.drop(base) == 1
+        with pytest.raises(UpstreamError, match="declared dead"):
+            await last
 
 
 async def test_peer_connections_probe_a_silent_peer_with_tcp_keepalive(frozen: str) -> None:

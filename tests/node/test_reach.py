@@ -145,11 +145,11 @@ async def test_forget_and_close_stop_the_tries(tmp_path: Path) -> None:
 
 async def test_a_peer_found_unreachable_tells_the_hooks_once() -> None:
     """Each time a peer becomes unreachable at a URL (a failed connect, or a failed check),
-    PeerView's on_unreachable hooks hear of it once: the forwarding pool then moves the
-    requests still waiting there (Upstream.drop_unanswered)."""
+    PeerView's on_stuck hooks hear of it once: the forwarding pool then moves the requests
+    still waiting there (Upstream.drop_unanswered)."""
     view = PeerView(lambda: "me", lambda: None, None)
     heard: list[str] = []
-    undo = view.on_unreachable(heard.append)
+    undo = view.on_stuck(lambda url, why: heard.append(url))
     a, b = f"http://127.0.0.1:{_free_port()}", f"http://127.0.0.1:{_free_port()}"
     try:
         view.reach.failed("a-id", "a", a)
@@ -163,7 +163,45 @@ async def test_a_peer_found_unreachable_tells_the_hooks_once() -> None:
         view.reach.failed("a-id", "a", a)
         assert heard == [a, b]  # undone
     finally:
-        view.reach.close()
+        view.close()
+
+
+async def test_a_suspicion_that_lasts_tells_the_hooks() -> None:
+    """A member still suspect SUSPECT_GRACE_S after the event, at the same incarnation, is
+    likely frozen: the on_stuck hooks hear of it. One that refuted (a busy moment), was
+    declared dead meanwhile (its connections are dropped anyway) or is watched when the view
+    closes is not reported."""
+    members: dict[str, Member] = {}
+
+    def member(n: str, state: MemberState, incarnation: int = 1) -> Member:
+        meta = NodeMeta(n, "127.0.0.1", 9000 + ord(n))
+        m = members[n] = Member(f"{n}-id", n, ("127.0.0.1", 1), msgspec.msgpack.encode(meta),
+                                b"", state, incarnation, time.monotonic())
+        return m
+
+    cluster = SimpleNamespace(mesh=SimpleNamespace(members=lambda: list(members.values())))
+    view = PeerView(lambda: "me", lambda: cluster, None)  # type: ignore[arg-type,return-value]
+    heard: list[tuple[str, str]] = []
+    view.on_stuck(lambda url, why: heard.append((url, why)))
+    try:
+        for n in "abcd":
+            view.suspected(member(n, MemberState.SUSPECT))
+        member("b", MemberState.ALIVE, 2)  # refuted
+        member("c", MemberState.SUSPECT, 2)  # refuted, then suspected again: a new watch
+        view.suspected(members["c"])
+        view.gone(member("d", MemberState.DEAD))
+        await asyncio.sleep(SUSPECT_GRACE_S / 2)
+        assert heard == []  # not yet: a short suspicion is ignored
+        await _wait(lambda: len(heard) == 2, SUSPECT_GRACE_S * 3)
+        assert [url for url, _ in heard] == [f"http://127.0.0.1:{9000 + ord(n)}" for n in "ac"]
+        assert "suspected" in heard[0][1]
+        view.suspected(member("e", MemberState.SUSPECT))
+        view.close()
+        view.close()  # twice is safe
+        await asyncio.sleep(SUSPECT_GRACE_S * 1.5)
+        assert len(heard) == 2
+    finally:
+        view.close()
 
 
 async def test_a_dead_or_departed_member_is_forgotten() -> None:
