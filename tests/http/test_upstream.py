@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from pathlib import Path
 
@@ -389,13 +390,26 @@ async def frozen() -> AsyncIterator[str]:
     """A server that answers the first request on each connection, then reads and never
     answers again: a peer that froze (its kernel still accepts connections and takes bytes).
     Its address; on teardown every connection it accepted is closed and its handler done."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    async with _serving(handle) as base:
+        yield base
+
+
+@contextlib.asynccontextmanager
+async def _serving(answer: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
+                                    Awaitable[None]]) -> AsyncIterator[str]:
+    """A loopback server whose connections `answer` the request(s) they want, then read and
+    never answer again; its address. On exit every connection is closed and its handler
+    done."""
     tasks: list[asyncio.Task[None]] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         tasks.append(asyncio.current_task())  # type: ignore[arg-type]
         try:
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await answer(reader, writer)
             while await reader.read(65536):
                 pass
         finally:
@@ -451,32 +465,17 @@ async def test_drop_fails_requests_waiting_on_a_dead_peer(path: str, frozen: str
 async def half_frozen() -> AsyncIterator[str]:
     """A server that streams five chunks, 0.1 s apart, to GET /stream, and reads and never
     answers any other request: a peer whose path back to us broke after some answers began."""
-    tasks: list[asyncio.Task[None]] = []
-
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        tasks.append(asyncio.current_task())  # type: ignore[arg-type]
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            if head.startswith(b"GET /stream "):
-                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-                for _ in range(5):
-                    await asyncio.sleep(0.1)
-                    writer.write(b"1\r\nx\r\n")
-                writer.write(b"0\r\n\r\n")
-            while await reader.read(65536):
-                pass
-        finally:
-            writer.close()
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"GET /stream "):
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for _ in range(5):
+                await asyncio.sleep(0.1)
+                writer.write(b"1\r\nx\r\n")
+            writer.write(b"0\r\n\r\n")
 
-    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
-    try:
-        yield f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}"
-    finally:
-        srv.close()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await srv.wait_closed()
+    async with _serving(handle) as base:
+        yield base
 
 
 @pytest.mark.parametrize("path", ["request", "splice"])
