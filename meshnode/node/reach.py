@@ -15,7 +15,9 @@ Membership can see such a path before any request does: a member that does not a
 node's ping but answers the ping-req of another member is alive but maybe out of our reach
 (mesh's MemberIndirect). `check` then tries a connection there in the background, and a failed
 try counts like a failed connect: the first request after it already goes elsewhere. A try
-that connects changes nothing (UDP loss alone makes probes go indirect now and then).
+that connects changes nothing (UDP loss alone makes probes go indirect now and then). A check
+opens CHECK_ATTEMPTS connections at once and waits CHECK_TIMEOUT_S: on a lossy LAN that is
+both sooner and surer than one connection given PROBE_TIMEOUT_S (see CHECK_TIMEOUT_S).
 
 Requests already sent there when the peer is found unreachable (by a failed connect or a
 failed check) and still without any answer are moved too: `on_down` tells the forwarding pool,
@@ -37,7 +39,8 @@ from typing import Protocol, TypeVar
 
 import structlog
 
-__all__ = ["PROBE_FIRST_S", "PROBE_MAX_S", "PROBE_TIMEOUT_S", "Reachability", "connects"]
+__all__ = ["CHECK_ATTEMPTS", "CHECK_TIMEOUT_S", "PROBE_FIRST_S", "PROBE_MAX_S", "PROBE_TIMEOUT_S",
+           "Reachability", "connects"]
 
 log = structlog.get_logger("meshnode.node")
 
@@ -48,6 +51,14 @@ PROBE_MAX_S = 15.0
 reachable again may stay skipped, against one connect attempt per peer per interval."""
 PROBE_TIMEOUT_S = 5.0
 """How long one try waits for the connection (and TLS handshake), as forwarding does."""
+CHECK_TIMEOUT_S = 2.0
+"""How long a check (after membership's hint) waits for any of its CHECK_ATTEMPTS connections.
+Linux resends a lost SYN after 1 s, then 3 s: in 2 s each connection has two chances, so a
+check fails on a path that works only if 2 x CHECK_ATTEMPTS exchanges are lost (20% loss each
+way: 0.36^6 = 0.2%; one connection in PROBE_TIMEOUT_S has three chances: 4.7%). Lower finds a
+broken path sooner; a failed check moves the peer's unanswered requests elsewhere."""
+CHECK_ATTEMPTS = 3
+"""Connections a check opens at once; the first that opens ends it."""
 
 
 class _Target(Protocol):
@@ -67,13 +78,15 @@ class Reachability:
     def __init__(self, ssl_context: Callable[[], ssl.SSLContext | None] = lambda: None, *,
                  on_down: Callable[[str], object] = lambda url: None,
                  first_s: float = PROBE_FIRST_S, max_s: float = PROBE_MAX_S,
-                 timeout_s: float = PROBE_TIMEOUT_S) -> None:
+                 timeout_s: float = PROBE_TIMEOUT_S,
+                 check_timeout_s: float = CHECK_TIMEOUT_S) -> None:
         self.down: dict[str, str] = {}
         """Node id -> the URL a connect to it failed at, until a try there succeeds."""
         self._ssl = ssl_context
         self._on_down = on_down
         """Called with the URL each time a peer becomes unreachable there."""
         self._first_s, self._max_s, self._timeout_s = first_s, max_s, timeout_s
+        self._check_timeout_s = check_timeout_s
         self._tries: dict[str, asyncio.Task[None]] = {}
         self._checks: dict[str, asyncio.Task[None]] = {}
 
@@ -102,7 +115,7 @@ class Reachability:
 
     async def _check(self, node_id: str, name: str, url: str) -> None:
         try:
-            ok = await connects(url, self._ssl(), self._timeout_s)
+            ok = await connects(url, self._ssl(), self._check_timeout_s, CHECK_ATTEMPTS)
         finally:
             self._checks.pop(node_id, None)
         if not ok:
@@ -145,9 +158,25 @@ class Reachability:
         log.info("peer.reachable", node=name, url=url, tries=tries)
 
 
-async def connects(url: str, ssl_context: ssl.SSLContext | None, timeout_s: float) -> bool:
+async def connects(url: str, ssl_context: ssl.SSLContext | None, timeout_s: float,
+                   attempts: int = 1) -> bool:
     """Whether a connection to `url` (http://host:port, or https:// with `ssl_context`) opens,
-    handshake included, within `timeout_s`; it is closed at once."""
+    handshake included, within `timeout_s`; `attempts` connections are tried at once, and the
+    first that opens ends the others. Each is closed at once."""
+    tries = [asyncio.ensure_future(_connect_once(url, ssl_context, timeout_s))
+             for _ in range(attempts)]
+    try:
+        for done in asyncio.as_completed(tries):
+            if await done:
+                return True
+        return False
+    finally:
+        for t in tries:
+            t.cancel()
+        await asyncio.gather(*tries, return_exceptions=True)
+
+
+async def _connect_once(url: str, ssl_context: ssl.SSLContext | None, timeout_s: float) -> bool:
     scheme, _, hostport = url.partition("://")
     host, _, port = hostport.rpartition(":")
     try:

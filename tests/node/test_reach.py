@@ -4,7 +4,9 @@ connects (real sockets on loopback); routing tries suspects last."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,7 +21,7 @@ from meshnode.mesh.tls import client_context, server_context
 from meshnode.node import Target
 from meshnode.node.cluster import NodeMeta
 from meshnode.node.peers import SUSPECT_GRACE_S, PeerView
-from meshnode.node.reach import Reachability, connects
+from meshnode.node.reach import CHECK_ATTEMPTS, Reachability, connects
 
 
 def _free_port() -> int:
@@ -258,6 +260,41 @@ async def test_connects_answers_for_open_closed_and_silent_addresses() -> None:
         assert not await connects(f"http://127.0.0.1:{_free_port()}", None, 1.0)
         assert not await connects("http://127.0.0.1:notaport", None, 1.0)
     finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_check_tries_several_connections_at_once(tmp_path: Path) -> None:
+    """A check opens CHECK_ATTEMPTS connections at once and the first whose handshake
+    completes ends it: two that get no answer (as when their packets are lost) do not make a
+    working path look broken, where a single connection would have timed out."""
+    ca = init_ca(tmp_path / "ca", "cluster", b"pw")
+    alice, bob = issue_node_bundle(ca, "alice"), issue_node_bundle(ca, "bob")
+    tls = server_context(alice.cert, alice.private_key, ca.cert)
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        if len(held) % 3 == 0:  # every third connection answers its handshake
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await writer.start_tls(tls)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    ctx = client_context(bob.cert, bob.private_key, ca.cert)
+    try:
+        started = time.monotonic()
+        assert await connects(url, ctx, 2.0, CHECK_ATTEMPTS)
+        assert time.monotonic() - started < 1.5  # did not wait for the silent two
+        assert not await connects(url, ctx, 0.5)  # the fourth alone: silent
+        reach = Reachability(lambda: ctx, check_timeout_s=2.0)
+        reach.check("a-id", "a", url)  # the fifth and sixth are silent, the seventh answers
+        await _wait(lambda: not reach._checks)
+        assert not reach.down and len(held) == 7
+        reach.close()
+    finally:
+        for writer in held:
+            writer.close()
         server.close()
         await server.wait_closed()
 
