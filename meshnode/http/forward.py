@@ -44,7 +44,8 @@ def session_ctx(ssl_context: ssl.SSLContext | None = None
     """A cleanup_ctx that opens the app's forwarding pool and closes it on shutdown.
     Connecting to a dead peer fails after 5 s; an answer may stream for minutes, so no timeout
     bounds it: when membership declares the peer dead, its connections are dropped, and when
-    this node finds it cannot connect there, the requests that have no answer yet move on."""
+    the peer is likely not answering (unreachable from here, or suspected for a while), the
+    requests that have no answer yet move on and answers that stall are cut off."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         async with Upstream(ssl_context=ssl_context, connect_timeout_s=5.0) as pool:
@@ -63,7 +64,8 @@ def session_ctx(ssl_context: ssl.SSLContext | None = None
 
 def _moving(pool: Upstream) -> Callable[[str, str], None]:
     """An on_stuck hook: abort the requests waiting on a peer that is likely not to answer
-    and have no answer yet, which then go to their next replica."""
+    and have no answer yet, which then go to their next replica (answers that stall are cut
+    off a little later: Upstream.drop_unanswered)."""
 
     def hook(url: str, why: str) -> None:
         if moved := pool.drop_unanswered(url, why):

@@ -59,6 +59,11 @@ on a pooled connection into a path that broke meanwhile would otherwise wait for
 retransmissions to give up (~15 min). The peer's kernel acknowledges at once whatever its
 engine does, so only a broken path reaches it; lower fails over sooner, higher forgives longer
 bursts of loss."""
+SILENT_S = 1.0
+"""An answer from a peer that is likely not answering any more (Upstream.drop_unanswered) is
+cut off when nothing more of it arrives for this long: its stream has stalled with its peer.
+An answer still flowing is left to finish. Higher spares engines that pause longer between
+two chunks; lower ends a stalled stream sooner."""
 
 
 class Feed(Protocol):
@@ -90,6 +95,7 @@ class _Conn(asyncio.Protocol):
         self.waiter: asyncio.Future[None] | None = None
         self.paused = False
         self.received = 0  # bytes received since the current request was sent
+        self.heard = 0.0  # loop time of the last bytes received
         self.idle_since = 0.0
         self.splice: Feed | None = None  # while set, bytes go there instead of buf
         self.gone = ""  # why it was dropped (Upstream.drop): nothing is stale, go elsewhere
@@ -102,6 +108,7 @@ class _Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
+        self.heard = self.loop.time()
         if self.splice is not None:
             self.splice.feed(data)
             return
@@ -325,11 +332,15 @@ class Upstream:
         self._connect_timeout_s = connect_timeout_s
         self._idle: dict[str, deque[_Conn]] = {}
         self._open: dict[str, weakref.WeakSet[_Conn]] = {}  # address -> its connections
+        self._stall_checks: dict[object, asyncio.TimerHandle] = {}  # drop_unanswered's
         self._closed = False
 
     async def close(self) -> None:
         """Close every idle connection; safe to call twice."""
         self._closed = True
+        for check in self._stall_checks.values():
+            check.cancel()
+        self._stall_checks.clear()
         idle, self._idle = self._idle, {}
         for conns in idle.values():
             for conn in conns:
@@ -347,31 +358,51 @@ class Upstream:
         (the caller tries another replica) instead of waiting on a peer that will never
         answer; an answer cut short ends as any broken answer does. How many connections
         were aborted."""
-        return self._abort(base, "its node was declared dead", answering=True)
+        for conn in self._idle.pop(base, ()):
+            conn.close()
+        aborted = 0
+        for conn in list(self._open.pop(base, ())):
+            if conn.transport is not None:
+                conn.gone = "its node was declared dead"
+                conn.close()
+                aborted += 1
+        return aborted
 
     def drop_unanswered(self, base: str, why: str) -> int:
         """The server at `base` is likely not answering (`why`: this node cannot connect
         there, or membership has suspected its node for a while: node/peers.py): close its
         idle connections and abort those whose request has no byte of answer yet and
         another replica to try (`movable`), which then fail over as with `drop` instead of
-        waiting out UNACKED_S, keepalive or a death. Answers already arriving are left to
-        end by themselves, and so are requests with nowhere else to go. How many were
-        aborted."""
-        return self._abort(base, why, answering=False)
-
-    def _abort(self, base: str, why: str, answering: bool) -> int:
+        waiting out UNACKED_S, keepalive or a death. An answer under way is cut off (as any
+        broken answer ends) if nothing more of it arrives within SILENT_S, unless this node
+        stopped reading it (a slow client). Requests with nowhere else to go keep waiting.
+        How many were aborted now."""
         for conn in self._idle.pop(base, ()):
             conn.close()
-        aborted = 0
+        aborted, answering = 0, {}
         for conn in list(self._open.get(base, ())):
-            if conn.transport is not None and (answering
-                                               or (not conn.received and conn.movable)):
+            if conn.transport is None:
+                continue
+            if conn.received:
+                answering[conn] = (conn.received, conn.heard)
+            elif conn.movable:
                 conn.gone = why
                 conn.close()
                 aborted += 1
         if answering:
-            self._open.pop(base, None)
+            key = object()
+            self._stall_checks[key] = asyncio.get_running_loop().call_later(
+                SILENT_S, self._cut_stalled, key, answering, why)
         return aborted
+
+    def _cut_stalled(self, key: object, marks: dict[_Conn, tuple[int, float]],
+                     why: str) -> None:
+        self._stall_checks.pop(key, None)
+        for conn, mark in marks.items():
+            if conn.transport is not None and (conn.received, conn.heard) == mark \
+                    and not conn.paused and conn.transport.is_reading():
+                conn.gone = why
+                conn.close()
 
     def _put(self, key: str, conn: _Conn) -> None:
         conns = self._idle.setdefault(key, deque())

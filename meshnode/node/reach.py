@@ -22,7 +22,8 @@ both sooner and surer than one connection given PROBE_TIMEOUT_S (see CHECK_TIMEO
 Requests already sent there when the peer is found unreachable (by a failed connect or a
 failed check) and still without any answer are moved too: `on_down` tells the forwarding pool,
 which aborts them, and each is tried on its next replica (Upstream.drop_unanswered) instead of
-waiting for the unacknowledged-data timeout (10 s) or keepalive (20-30 s).
+waiting for the unacknowledged-data timeout (10 s) or keepalive (20-30 s); answers from there
+that then stall are cut off (upstream_lost) instead of waiting for keepalive.
 
 The view is this node's alone, so two nodes may route the same prefix differently while one
 of them cannot reach its owner: the request is served elsewhere (a spill: the prefix does not

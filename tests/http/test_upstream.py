@@ -16,8 +16,8 @@ import pytest
 from aiohttp import web
 
 from meshnode.http.splice import splice
-from meshnode.http.upstream import (BUFFER_HIGH, KEEPALIVE, UNACKED_S, Unreachable, Upstream,
-                                    UpstreamError)
+from meshnode.http.upstream import (BUFFER_HIGH, KEEPALIVE, SILENT_S, UNACKED_S, Unreachable,
+                                    Upstream, UpstreamError)
 
 
 @pytest.fixture
@@ -463,16 +463,19 @@ async def test_drop_fails_requests_waiting_on_a_dead_peer(path: str, frozen: str
 
 @pytest.fixture
 async def half_frozen() -> AsyncIterator[str]:
-    """A server that streams five chunks, 0.1 s apart, to GET /stream, and reads and never
-    answers any other request: a peer whose path back to us broke after some answers began."""
+    """A server that streams five chunks, 0.1 s apart, to GET /stream, one chunk and then
+    nothing to GET /stall, and reads and never answers any other request: a peer whose path
+    back to us broke while some answers flowed."""
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
-        if head.startswith(b"GET /stream "):
+        stream, stall = head.startswith(b"GET /stream "), head.startswith(b"GET /stall ")
+        if stream or stall:
             writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-            for _ in range(5):
+            for _ in range(5 if stream else 1):
                 await asyncio.sleep(0.1)
                 writer.write(b"1\r\nx\r\n")
-            writer.write(b"0\r\n\r\n")
+            if stream:
+                writer.write(b"0\r\n\r\n")
 
     async with _serving(handle) as base:
         yield base
@@ -482,10 +485,14 @@ async def half_frozen() -> AsyncIterator[str]:
 async def test_drop_unanswered_moves_waiting_requests_and_leaves_answers_alone(
         path: str, half_frozen: str) -> None:
     """A peer likely not to answer (node/reach.py, node/peers.py): a request with no byte of
-    answer yet and another replica to try fails at once, to be tried there; one whose answer
-    is arriving streams to its end; one with nowhere else to go keeps waiting."""
+    answer yet and another replica to try fails at once, to be tried there; an answer that
+    gets nothing more for SILENT_S is cut off; one still arriving streams to its end; a
+    request with nowhere else to go keeps waiting."""
     base = half_frozen
     async with Upstream() as up:
+        stalled = await up.request("GET", base, "/stall")
+        chunks = stalled.iter_chunks()
+        assert await anext(chunks) == b"x"
         async with await up.request("GET", base, "/stream") as r:
             assert await r.read() == b"xxxxx"
         assert len(up._idle[base]) == 1  # the waiting request reuses it: answered before
@@ -500,14 +507,18 @@ async def test_drop_unanswered_moves_waiting_requests_and_leaves_answers_alone(
         last = asyncio.ensure_future(up.request("GET", base, "/wait", movable=False))
         await asyncio.sleep(0.1)
         assert not waiting.done() and not last.done()
+        dropped = asyncio.get_running_loop().time()
         assert up.drop_unanswered(base, "unreachable from this node") == 1
-        async with asyncio.timeout(2):
+        async with asyncio.timeout(SILENT_S + 1):
             if path == "request":
                 with pytest.raises(UpstreamError, match="unreachable from this node"):
                     await waiting
             else:
                 assert (await waiting).outcome == "failed"  # not stale: not the same peer
             assert b"".join([c async for c in answering.iter_chunks()]) == b"xxxxx"
+            with pytest.raises(UpstreamError):
+                await anext(chunks)
+        assert asyncio.get_running_loop().time() - dropped >= SILENT_S * 0.9
         answering.release()
         assert not last.done()  # nowhere else to go: it waits (until the peer is dead)
         assert up.drop_unanswered(base, "again") == 0  # the idle one is closed, not counted
