@@ -262,14 +262,18 @@ def write_gguf(path: Path, **meta: str) -> Path:
     return path
 
 
+COUNTING = "Count from 1 to 1000: 1, 2, 3, 4, 5,"
+"""A prompt that SmolLM2 continues for as long as it is let (greedy)."""
+
+
 @contextlib.contextmanager
-def counting_stream(url: str, model: str, max_tokens: int = 4000
-                    ) -> Iterator[tuple[socket.socket, bytes]]:
+def counting_stream(url: str, model: str, max_tokens: int = 4000,
+                    prompt: str = COUNTING) -> Iterator[tuple[socket.socket, bytes]]:
     """A streamed completion sent on a raw socket (Connection: close) that runs for
     `max_tokens` tokens: greedy counting cannot reach its end of text soon (a sampled story
     can). Yields the socket and the bytes read up to its first event."""
     host, port = url.removeprefix("http://").split(":")
-    body = json.dumps({"model": model, "prompt": "Count from 1 to 1000: 1, 2, 3, 4, 5,",
+    body = json.dumps({"model": model, "prompt": prompt,
                        "stream": True, "max_tokens": max_tokens, "temperature": 0.0}).encode()
     with socket.create_connection((host, int(port)), timeout=60) as s:
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
