@@ -95,7 +95,6 @@ class _Conn(asyncio.Protocol):
         self.waiter: asyncio.Future[None] | None = None
         self.paused = False
         self.received = 0  # bytes received since the current request was sent
-        self.heard = 0.0  # loop time of the last bytes received
         self.idle_since = 0.0
         self.splice: Feed | None = None  # while set, bytes go there instead of buf
         self.gone = ""  # why it was dropped (Upstream.drop): nothing is stale, go elsewhere
@@ -108,7 +107,6 @@ class _Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
-        self.heard = self.loop.time()
         if self.splice is not None:
             self.splice.feed(data)
             return
@@ -384,7 +382,7 @@ class Upstream:
             if conn.transport is None:
                 continue
             if conn.received:
-                answering[conn] = (conn.received, conn.heard)
+                answering[conn] = conn.received
             elif conn.movable:
                 conn.gone = why
                 conn.close()
@@ -395,11 +393,10 @@ class Upstream:
                 SILENT_S, self._cut_stalled, key, answering, why)
         return aborted
 
-    def _cut_stalled(self, key: object, marks: dict[_Conn, tuple[int, float]],
-                     why: str) -> None:
+    def _cut_stalled(self, key: object, marks: dict[_Conn, int], why: str) -> None:
         self._stall_checks.pop(key, None)
-        for conn, mark in marks.items():
-            if conn.transport is not None and (conn.received, conn.heard) == mark \
+        for conn, received in marks.items():  # no byte since: the count did not move
+            if conn.transport is not None and conn.received == received \
                     and not conn.paused and conn.transport.is_reading():
                 conn.gone = why
                 conn.close()

@@ -170,9 +170,7 @@ class PeerView:
         """Membership suspects `member`: if it still does SUSPECT_GRACE_S later at the same
         incarnation (it did not refute: frozen, or cut off), tell the on_stuck hooks (needs a
         running loop)."""
-        watch = self._watches.pop(member.node_id, None)
-        if watch is not None:
-            watch.cancel()
+        self._unwatch(member.node_id)
         self._watches[member.node_id] = asyncio.get_running_loop().call_later(
             SUSPECT_GRACE_S, self._still_suspect, member.node_id, member.incarnation)
 
@@ -187,19 +185,21 @@ class PeerView:
                     self._stuck(self.url(meta), f"its node {meta.name} is suspected by "
                                                 f"membership (not answering probes)")
 
+    def _unwatch(self, node_id: str) -> None:
+        watch = self._watches.pop(node_id, None)
+        if watch is not None:
+            watch.cancel()
+
     def close(self) -> None:
         """Stop the background tries and suspicion watches; safe to call twice."""
         self.reach.close()
-        for watch in self._watches.values():
-            watch.cancel()
-        self._watches.clear()
+        for node_id in list(self._watches):
+            self._unwatch(node_id)
 
     def gone(self, member: Member) -> None:
         """Membership declared `member` dead, or it left: tell the on_gone hooks."""
         self.reach.forget(member.node_id)
-        watch = self._watches.pop(member.node_id, None)
-        if watch is not None:
-            watch.cancel()
+        self._unwatch(member.node_id)
         meta = self.decode_meta(member.meta)
         if meta is not None:
             for hook in list(self._gone_hooks):
