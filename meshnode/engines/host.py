@@ -20,7 +20,7 @@ import sys
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -44,11 +44,13 @@ from .schema import (
     SamplingParams,
     decode_request,
     format_type,
+    strict,
 )
 
 __all__ = ["main", "open_engine"]
 
 _END = object()
+T = TypeVar("T")
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
@@ -184,13 +186,28 @@ async def health(request: web.Request) -> web.Response:
                               "abilities": list(info.abilities), "waiting": host.waiting})
 
 
+async def _decode(request: web.Request, schema: type[T]) -> T:
+    """The request body as `schema`, refusing any field it does not declare: this engine
+    would drop it unseen (schema.py)."""
+    try:
+        return decode_request(await request.read(), strict(schema))
+    except InvalidRequest as exc:
+        if not str(exc).startswith("Object contains unknown field"):
+            raise
+        engine = request.app[_HOST].launch.engine
+        raise InvalidRequest(
+            f"unknown field `{exc.param}`: the {engine} engine does not support it; remove "
+            "it, or launch the model on an engine that does (vLLM and SGLang receive such "
+            "options unchanged)", param=exc.param) from None
+
+
 def _request_id(request: web.Request) -> str:
     return request.headers.get("X-Request-Id") or os.urandom(12).hex()
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     host = request.app[_HOST]
-    body = decode_request(await request.read(), ChatCompletionRequest)
+    body = await _decode(request, ChatCompletionRequest)
     prompt = await host.run(host.engine.chat_prompt, body.messages)  # type: ignore[union-attr]
     out = ChatStream(_request_id(request), host.launch.served_name, body.include_usage,
                      host.fingerprint)
@@ -208,7 +225,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def completions(request: web.Request) -> web.StreamResponse:
     host = request.app[_HOST]
-    body = decode_request(await request.read(), CompletionRequest)
+    body = await _decode(request, CompletionRequest)
     engine = host.engine
     assert engine is not None
     prompts = [await host.run(engine.text_prompt, p) for p in body.prompts()]
@@ -231,7 +248,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def embeddings(request: web.Request) -> web.Response:
     host = request.app[_HOST]
-    body = decode_request(await request.read(), EmbeddingRequest)
+    body = await _decode(request, EmbeddingRequest)
     engine = host.engine
     assert engine is not None
     vectors, tokens = await host.run(engine.embed, body.inputs())
@@ -245,7 +262,7 @@ async def embeddings(request: web.Request) -> web.Response:
 
 async def rerank(request: web.Request) -> web.Response:
     host = request.app[_HOST]
-    body = decode_request(await request.read(), RerankRequest)
+    body = await _decode(request, RerankRequest)
     engine = host.engine
     assert engine is not None
     documents = body.texts()

@@ -1,13 +1,15 @@
 """OpenAI request bodies, as the node and the engine host both decode them.
 
 Field order follows OpenAI's reference (CreateChatCompletionRequest, CreateCompletionRequest).
-Unknown fields are ignored, as OpenAI-compatible servers do, but fields we know and cannot
-honour (n > 1, tools, logprobs, ...) are refused with a 400 naming the parameter: nothing a
-client asked for is dropped silently.
+Fields we know and cannot honour (n > 1, tools, logprobs, ...) are refused with a 400 naming
+the parameter. A field we do not know passes the node (vLLM's and SGLang's servers take
+options of their own), and the engine host refuses it (`strict`): llama.cpp, transformers
+and MLX would drop it. Either way nothing a client asked for is dropped silently.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
@@ -33,6 +35,7 @@ __all__ = [
     "TextPart",
     "decode_request",
     "format_type",
+    "strict",
 ]
 
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
@@ -194,6 +197,17 @@ class ChatCompletionRequest(_Common, frozen=True, kw_only=True):
     max_completion_tokens: PositiveInt | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    # OpenAI fields that leave the answer as it is: accepted and not acted on, except
+    # prompt_cache_key, which joins the prompt's prefix in the routing key (as at OpenAI).
+    metadata: dict[str, str] | None = None
+    parallel_tool_calls: bool | None = None
+    prediction: dict[str, Any] | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    prompt_cache_retention: str | None = None
+    safety_identifier: str | None = None
+    service_tier: str | None = None
+    store: bool | None = None
 
     def check(self) -> None:
         """Refuse what cannot be honoured; raises InvalidRequest."""
@@ -340,12 +354,22 @@ def decode_request(body: bytes, cls: type[T], check: bool = True) -> T:
     return request
 
 
+@functools.cache
+def strict(cls: type[T]) -> type[T]:
+    """`cls` refusing a field it does not declare (Object contains unknown field `x`), for
+    an engine that would otherwise drop it unseen. The node and the external engines' servers
+    take the lenient `cls`: vLLM's and SGLang's own options pass through to them."""
+    return msgspec.defstruct(cls.__name__, [], bases=(cls,), frozen=True, kw_only=True,
+                             forbid_unknown_fields=True, module=cls.__module__)
+
+
 def _param_of(message: str) -> str | None:
     # msgspec ends a validation message with "- at `$.messages[0].role`".
     marker = "- at `$."
     at = message.rfind(marker)
     if at < 0:
-        if message.startswith("Object missing required field `"):
+        if message.startswith(("Object missing required field `",
+                               "Object contains unknown field `")):
             return message.split("`")[1]
         return None
     return message[at + len(marker):].rstrip("`")

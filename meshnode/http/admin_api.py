@@ -28,9 +28,18 @@ def _json(obj: object, status: int = 200) -> web.Response:
     return web.Response(body=_encode(obj), status=status, content_type="application/json")
 
 
+_LAUNCH_FIELDS = ", ".join(LaunchRequest.__struct_fields__)
+
+
 @routes.post("/v1/deployments")
 async def launch(request: web.Request) -> web.Response:
-    req = decode_request(await request.read(), LaunchRequest)
+    try:
+        req = decode_request(await request.read(), LaunchRequest)
+    except InvalidRequest as exc:
+        if "unknown field" not in str(exc):
+            raise
+        raise InvalidRequest(f"{exc}: a launch takes {_LAUNCH_FIELDS}", param=exc.param) \
+            from None
     view = await request.app[NODE].launch(req)
     return _json(view, status=201)
 

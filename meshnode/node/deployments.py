@@ -28,8 +28,9 @@ Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
 """A node name as a placement constraint (what `meshnode start --name` accepts)."""
 
 
-class LaunchRequest(msgspec.Struct, frozen=True, kw_only=True):
-    """Body of POST /v1/deployments."""
+class LaunchRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Body of POST /v1/deployments. A field it does not know is refused, not dropped: a
+    misspelt constraint would otherwise launch without it."""
 
     model: str
     name: str | None = None

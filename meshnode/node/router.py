@@ -1,6 +1,7 @@
 """Routing: which ready replica serves a request. Every node makes the same choice.
 
     key(chat)        = model \\0 first 256 bytes of (system prompt \\0 first user message)
+                       [\\0 key \\0 prompt_cache_key, when the request gives one]
     key(completion)  = model \\0 first 256 bytes of the prompt (embeddings: of the input)
     ring             = Ring(ready node ids), cached per (deployment, ready set)
 
@@ -103,7 +104,10 @@ def request_key(req: ChatCompletionRequest | CompletionRequest | EmbeddingReques
             system = next((m.content for m in req.messages
                            if m.role in ("system", "developer")), None)
             user = next((m.content for m in req.messages if m.role == "user"), None)
-            return model + b"\0" + (_text(system) + b"\0" + _text(user))[:PREFIX_BYTES]
+            key = model + b"\0" + (_text(system) + b"\0" + _text(user))[:PREFIX_BYTES]
+            if req.prompt_cache_key is not None:  # OpenAI's hint: its own group of a prefix
+                key += b"\0key\0" + req.prompt_cache_key.encode()
+            return key
         case CompletionRequest():
             return model + b"\0" + _text(req.prompt)[:PREFIX_BYTES]
         case EmbeddingRequest():

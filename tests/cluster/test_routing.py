@@ -219,6 +219,12 @@ async def test_two_replicas_prefix_affinity_and_bounded_load(
         spread = Counter([await served_by(spare, chat_body(f"Question {i}?"))
                           for i in range(8)])
         assert set(spread) == set(two), spread
+        # One prompt under several prompt_cache_keys (OpenAI's routing hint, one per user
+        # here): each key is its own prefix group, so the keys spread over both replicas.
+        keyed = chat_body("One prompt for many users.")
+        spread = Counter([await served_by(spare, {**keyed, "prompt_cache_key": f"user-{i}"})
+                          for i in range(8)])
+        assert set(spread) == set(two), spread
         # 16 at once with one prefix: nobody above ceil(1.25 x the mean).
         hot = chat_body("The same question, sixteen times.")
         got = Counter(await asyncio.gather(*(served_by(spare, {**hot, "max_tokens": 1})
@@ -386,11 +392,16 @@ def test_constraints_pin_a_deployment_or_say_why_it_has_no_node(
         assert view["status"] == "unplaced", view
         assert "every label of gpu" in view["message"] and "--label" in view["message"]
     before = [d["name"] for d in get_json(mesh["a"].url + "/v1/deployments")["data"]]
-    for bad in ({"labels": ["no spaces"]}, {"nodes": [""]}, {"min_ram_mb": -1}):
+    for bad in ({"labels": ["no spaces"]}, {"nodes": [""]}, {"min_ram_mb": -1},
+                {"constraints": {"min_ram_mb": 1 << 40}}):  # unknown: refused, not dropped
         status, _, body = call(mesh["a"].url + "/v1/deployments", "POST",
                                {"model": CHAT, "name": "bad", **bad})
         assert status == 400, body
-        assert json.loads(body)["error"]["type"] == "invalid_request_error"
+        error = json.loads(body)["error"]
+        assert error["type"] == "invalid_request_error"
+        if "constraints" in bad:
+            assert error["param"] == "constraints", error
+            assert "min_ram_mb" in error["message"], error  # says what a launch takes
     assert [d["name"] for d in get_json(mesh["c"].url + "/v1/deployments")["data"]] == before
     # A node started with the label joins: the deployment goes there by itself.
     gpu = NodeProcess(tmp_path_factory.mktemp("labelled") / "g", "--name", "g",

@@ -56,6 +56,19 @@ def test_usage_counts_the_reused_prompt_prefix(client: openai.OpenAI,
     assert miss < 10  # only the chat template's first tokens are shared
 
 
+def test_openai_hints_are_accepted(client: openai.OpenAI, openai_spec: OpenAISpec) -> None:
+    """OpenAI's fields that leave the answer unchanged pass the node and the llama.cpp
+    engine's strict check (a field neither knows is refused: see ERROR_CASES)."""
+    raw = client.chat.completions.with_raw_response.create(
+        model=CHAT, messages=[{"role": "user", "content": "Say hi."}], max_tokens=4,
+        metadata={"app": "tests"}, store=False, service_tier="auto",
+        safety_identifier="user-1", prompt_cache_key="user-1", parallel_tool_calls=False,
+        prompt_cache_retention="in_memory",
+        prediction={"type": "content", "content": "Hi."})
+    openai_spec.validate("CreateChatCompletionResponse", json.loads(raw.content))
+    assert raw.parse().usage.completion_tokens > 0
+
+
 def test_chat_content_parts(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
         model=CHAT, max_completion_tokens=8,
@@ -211,6 +224,12 @@ ERROR_CASES = [
     ("/v1/completions", b'{"model": "%s", "prompt": [[]]}' % BASE.encode(), 400, "prompt"),
     ("/v1/completions", b'{"model": "%s", "prompt": 3}' % BASE.encode(), 400, "prompt"),
     ("/v1/completions", b'{"model": "nope", "prompt": "x"}', 404, "model"),
+    # A field the llama.cpp engine does not know is refused by name, not dropped.
+    ("/v1/chat/completions",
+     b'{"model": "%s", "messages": [{"role": "user", "content": "x"}], '
+     b'"repetition_penalty": 1.3}' % CHAT.encode(), 400, "repetition_penalty"),
+    ("/v1/completions", b'{"model": "%s", "prompt": "x", "mirostat": 2}' % BASE.encode(),
+     400, "mirostat"),
     ("/v1/nothing-here", b"{}", 404, None),
 ]
 

@@ -6,6 +6,7 @@ from meshnode.engines import (
     InvalidRequest,
     decode_request,
 )
+from meshnode.engines.schema import strict
 
 
 def chat(extra: str = "", messages: str = '[{"role": "user", "content": "hi"}]') -> bytes:
@@ -100,3 +101,21 @@ def test_response_format_reaches_the_sampling_params() -> None:
     completion = decode_request(b'{"model": "m", "prompt": "x", '
                                 b'"response_format": {"type": "json_object"}}', CompletionRequest)
     assert isinstance(completion.sampling().response_format, JsonObjectFormat)
+
+
+def test_strict_refuses_an_unknown_field_by_name_and_takes_openai_hints() -> None:
+    unknown = chat(', "repetition_penalty": 1.3')
+    assert decode_request(unknown, ChatCompletionRequest).model == "m"  # the node passes it
+    with pytest.raises(InvalidRequest) as info:
+        decode_request(unknown, strict(ChatCompletionRequest))  # an in-host engine does not
+    assert info.value.param == "repetition_penalty"
+    hints = chat(', "metadata": {"app": "x"}, "store": false, "service_tier": "auto", '
+                 '"safety_identifier": "u", "prompt_cache_key": "k", '
+                 '"prompt_cache_retention": "24h", "prompt_cache_options": {"ttl": "1h"}, '
+                 '"parallel_tool_calls": true, "prediction": {"type": "content", "content": "x"}')
+    req = decode_request(hints, strict(ChatCompletionRequest))
+    assert isinstance(req, ChatCompletionRequest) and req.prompt_cache_key == "k"
+    with pytest.raises(InvalidRequest) as info:
+        decode_request(b'{"model": "m", "prompt": "x", "mirostat": 2}', strict(CompletionRequest))
+    assert info.value.param == "mirostat"
+    assert strict(CompletionRequest) is strict(CompletionRequest)  # built once

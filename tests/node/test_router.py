@@ -39,6 +39,20 @@ def test_chat_key_under_a_long_system_prompt_is_that_prompt() -> None:
     assert request_key(chat(app, "q")) != request_key(chat(app, "q", model="other"))
 
 
+def test_prompt_cache_key_makes_its_own_group_of_a_prefix() -> None:
+    app = "You answer questions about our product. " * 10  # > PREFIX_BYTES
+
+    def keyed(cache_key: str | None, question: str = "q") -> bytes:
+        req = msgspec.structs.replace(chat(app, question), prompt_cache_key=cache_key)
+        return request_key(req)
+
+    assert keyed(None) == request_key(chat(app, "q"))  # no hint: the prefix alone
+    assert keyed("user-1") == keyed("user-1", "another question")  # one group per key
+    assert keyed("user-1") != keyed("user-2") != keyed(None)
+    assert keyed("user-1") != request_key(
+        msgspec.structs.replace(chat("x" + app, "q"), prompt_cache_key="user-1"))
+
+
 def test_completion_key_is_the_first_bytes_of_the_prompt() -> None:
     def comp(prompt: object) -> bytes:
         return request_key(msgspec.convert({"model": "m", "prompt": prompt}, CompletionRequest))
