@@ -81,7 +81,14 @@ def _launch(args: argparse.Namespace) -> int:
     if args.engine:
         body["engine"] = args.engine
     if args.chat_template:
-        body["chat_template"] = Path(args.chat_template).read_text()
+        try:
+            body["chat_template"] = Path(args.chat_template).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise CliError(f"cannot read the chat template {args.chat_template}: {why}") \
+                from None
+        if not body["chat_template"].strip():
+            raise CliError(f"the chat template {args.chat_template} is empty")
     if args.node:
         body["nodes"] = args.node
     if args.label:
@@ -299,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a catalogue name (see `meshnode catalogue`) or a .gguf path")
     p.add_argument("--name", help="deployment name requests will use (default: the model name)")
     p.add_argument("--engine", help="force an engine: llama.cpp, transformers, vllm, sglang, mlx")
-    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--replicas", type=int, default=1, metavar="N",
+                   help="replicas to place, on different nodes (default 1)")
     p.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template to use")
     p.add_argument("--node", action="append", metavar="NAME",
                    help="run replicas only on this node (repeatable: any of these nodes)")
@@ -309,7 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-ram-mb", type=int, metavar="MB",
                    help="run replicas only on nodes with at least this much RAM")
     p.add_argument("--no-wait", action="store_true", help="return once launched")
-    p.add_argument("--timeout", type=float, default=900.0, metavar="SECONDS")
+    p.add_argument("--timeout", type=float, default=900.0, metavar="SECONDS",
+                   help="how long to wait for a ready replica (default 900); the "
+                   "deployment stays launched after it")
     p.set_defaults(func=_launch)
 
     p = client_parser("ps", "list deployments and where their replicas run")

@@ -39,6 +39,7 @@ from meshnode.mesh.identity import NodeIdentity
 
 from . import engine_choice, placement
 from .catalogue import deployment_spec, find_spec, valid_name
+from .chat_template import check_chat_template
 from .cluster import Cluster, MemberView, NodeLoad, NodeMeta, node_load
 from .config import NodeConfig
 from .deployments import Deployment, DeploymentTable, LaunchRequest, UpdateRequest
@@ -383,6 +384,8 @@ class Node:
 
     async def launch(self, request: LaunchRequest) -> DeploymentView:
         """Validate (model, name, an engine some live node has), write it, let placement go."""
+        if request.chat_template is not None:
+            check_chat_template(request.chat_template)
         spec = await find_spec_anywhere(request.model, self.peers.ask)
         name = request.name or spec.name
         if not valid_name(name):

@@ -4,11 +4,12 @@ every response and stream chunk validated against OpenAI's published schemas."""
 from __future__ import annotations
 
 import json
+import urllib.request
 
 import aiohttp
 import openai
 import pytest
-from conftest import NodeProcess, OpenAISpec, completion_chunk_as_spec
+from conftest import NodeProcess, OpenAISpec, completion_chunk_as_spec, get_json, post_json
 
 CHAT = "smollm2-135m-instruct"
 BASE = "gemma-3-270m"
@@ -67,6 +68,44 @@ def test_openai_hints_are_accepted(client: openai.OpenAI, openai_spec: OpenAISpe
         prediction={"type": "content", "content": "Hi."})
     openai_spec.validate("CreateChatCompletionResponse", json.loads(raw.content))
     assert raw.parse().usage.completion_tokens > 0
+
+
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def test_a_base_model_chats_with_a_template_given_at_launch(node: NodeProcess,
+                                                            openai_spec: OpenAISpec) -> None:
+    """Gemma 3 base has no chat template; launched with one, it chats through it (the prompt
+    is the template's rendering, BOS from `bos_token` included: as many tokens as that text
+    sent as a completion, where the engine adds the BOS). A
+    template that is not Jinja is a 400 that launches nothing."""
+    before = get_json(node.url + "/v1/deployments")["data"]
+    status, body = post_json(node.url + "/v1/deployments",
+                             {"model": BASE, "name": "bad-template",
+                              "chat_template": "{% for m in messages %}{{ m.content }}"})
+    assert status == 400 and body["error"]["param"] == "chat_template", body
+    assert "not valid Jinja" in body["error"]["message"] and "endfor" in body["error"]["message"]
+    assert get_json(node.url + "/v1/deployments")["data"] == before
+    status, body = post_json(node.url + "/v1/deployments",
+                             {"model": BASE, "name": "gemma-chat", "chat_template": TEMPLATE})
+    assert status == 201, body
+    try:
+        node.wait_ready("gemma-chat")
+        messages = [{"role": "user", "content": "Name a fruit."}]
+        status, reply = post_json(node.url + "/v1/chat/completions",
+                                  {"model": "gemma-chat", "messages": messages, "max_tokens": 4})
+        assert status == 200, reply
+        openai_spec.validate("CreateChatCompletionResponse", reply)
+        status, plain = post_json(node.url + "/v1/completions",
+                                  {"model": "gemma-chat", "max_tokens": 1,
+                                   "prompt": "user: Name a fruit.\nassistant:"})
+        assert status == 200, plain
+        assert reply["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
+    finally:
+        request = urllib.request.Request(node.url + "/v1/deployments/gemma-chat",
+                                         method="DELETE")
+        urllib.request.urlopen(request, timeout=30).read()
 
 
 def test_chat_content_parts(client: openai.OpenAI) -> None:
