@@ -22,7 +22,7 @@ __all__ = ["main"]
 
 def _start(args: argparse.Namespace) -> int:
     from meshnode.http import serve
-    from meshnode.node import ConfigError, load_config
+    from meshnode.node import ConfigError, NodeError, load_config
 
     from .logs import configure_logging
 
@@ -59,6 +59,8 @@ def _start(args: argparse.Namespace) -> int:
         run(serve(config))
     except ConfigError as exc:  # the cluster identity, or an open node bound off loopback
         raise CliError(str(exc)) from None
+    except NodeError as exc:  # a --model that cannot be launched
+        raise CliError(f"cannot start the node: {exc}") from None
     except OSError as exc:
         raise CliError(f"cannot start the node: {exc}. Is another node using port "
                        f"{config.http_port}? Choose another with --http-port.") from None

@@ -21,7 +21,7 @@ from meshnode.mesh import PROTOCOL_VERSION, Member, MemberState, Mesh, MeshConfi
 from meshnode.mesh.discovery import Discovery, Found
 from meshnode.mesh.gossip_keys import GossipKeys
 
-from .config import NodeConfig
+from .config import DEFAULT_GOSSIP_PORT, NodeConfig, host_port
 from .security import ClusterSecurity
 
 __all__ = ["Cluster", "MemberView", "NodeLoad", "NodeMeta", "node_load"]
@@ -138,11 +138,6 @@ class _Delegate:
         return msgspec.msgpack.encode(self.load())
 
 
-def _parse_seed(seed: str, default_port: int) -> tuple[str, int]:
-    host, _, port = seed.rpartition(":") if ":" in seed else (seed, "", str(default_port))
-    return host, int(port)
-
-
 class Cluster:
     def __init__(self, config: NodeConfig, node_id: str, meta: Callable[[], NodeMeta],
                  load: Callable[[], NodeLoad], security: ClusterSecurity | None = None) -> None:
@@ -157,7 +152,8 @@ class Cluster:
         bind_host = config.bind or config.host
         advertise = None
         if config.advertise_addr:
-            host, port = _parse_seed(config.advertise_addr, config.gossip_port)
+            host, port = host_port(config.advertise_addr, config.gossip_port,
+                                   "--advertise-addr")
             advertise = (host, port)
         # A node id is the hash of the node's own key, so the same id at a new address after
         # it died is that node restarted (new DHCP lease, new port): let it reclaim its id.
@@ -173,7 +169,7 @@ class Cluster:
         if self.keys is not None:
             self.keys.attach(self.mesh)
         self.discovery: Discovery | None = None
-        self._seeds = [_parse_seed(s, 7701) for s in config.join]
+        self._seeds = [host_port(s, DEFAULT_GOSSIP_PORT, "--join") for s in config.join]
         self._tasks: list[asyncio.Task[object]] = []
         self._last_meta = b""
 

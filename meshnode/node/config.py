@@ -7,6 +7,7 @@ seconds named `*_s`. Tests build a `NodeConfig(...)` directly; they never patch 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -18,14 +19,18 @@ from msgspec import Meta
 
 from .errors import ConfigError
 
-__all__ = ["NodeConfig", "load_config", "default_data_dir"]
+__all__ = ["NodeConfig", "load_config", "default_data_dir", "host_port"]
 
 Port = Annotated[int, Meta(ge=0, le=65535)]
 LABELS_MAX_BYTES = 256
 """Bytes all of a node's labels may take (each + 1) of its 1 KB gossiped metadata."""
 Label = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._=:-]{0,63}$")]
 """A node label: `gpu`, `zone=a`: a letter or digit, then up to 63 of those or . _ = : -"""
+NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+NodeName = Annotated[str, Meta(pattern=NAME_PATTERN)]
+"""A node's name (`--name`), what a deployment is pinned to: 1-64 letters, digits, . _ -"""
 ENV_PREFIX = "MESHNODE_"
+DEFAULT_GOSSIP_PORT = 7701
 
 
 def default_data_dir() -> str:
@@ -68,7 +73,7 @@ class NodeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     """Longest an engine may take to load before its start counts as failed."""
     bind: str = ""
     """Address the gossip sockets (UDP and TCP) bind; empty = `host`."""
-    gossip_port: Port = 7701
+    gossip_port: Port = DEFAULT_GOSSIP_PORT
     """UDP and TCP port of the membership protocol; 0 picks a free port (tests)."""
     advertise_addr: str = ""
     """HOST[:PORT] other nodes use to reach our gossip port (behind NAT, or when binding
@@ -129,11 +134,41 @@ class NodeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
             raise ConfigError(f"labels {', '.join(self.labels)} take more than "
                               f"{LABELS_MAX_BYTES} bytes of the gossiped node metadata: use "
                               "fewer or shorter ones")
+        for seed in self.join:
+            host_port(seed, DEFAULT_GOSSIP_PORT, "--join")
+        if self.advertise_addr:
+            host_port(self.advertise_addr, self.gossip_port, "--advertise-addr")
+        name = self.name
+        if not name:  # the host name; its first label where the whole is too long
+            name = socket.gethostname()
+            if not re.match(NAME_PATTERN, name):
+                name = name.split(".")[0]
+        if not re.match(NAME_PATTERN, name):
+            raise ConfigError(f"invalid node name {name!r}: use 1-64 letters, digits, '.', "
+                              "'_' or '-' (--name NAME)")
         return msgspec.structs.replace(
             self,
-            name=self.name or socket.gethostname(),
+            name=name,
             data_dir=os.path.abspath(os.path.expanduser(self.data_dir or default_data_dir())),
         )
+
+
+def host_port(text: str, default_port: int, what: str) -> tuple[str, int]:
+    """(host, port) of `HOST`, `HOST:PORT` or `[IPV6]:PORT`, the port 1-65535; ConfigError
+    naming the setting `what` otherwise."""
+    host, port = text, str(default_port)
+    if text.startswith("["):  # [v6] or [v6]:port
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                host = ""
+            port = rest[1:]
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"invalid {what} {text!r}: give HOST or HOST:PORT, the port "
+                          "1-65535")
+    return host, int(port)
 
 
 _FIELDS = {f.name: f for f in msgspec.structs.fields(NodeConfig)}
@@ -167,6 +202,8 @@ def load_config(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] |
                 merged.update(tomllib.load(f))
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
         merged = {k.replace("-", "_"): v for k, v in merged.items()}

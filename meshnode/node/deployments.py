@@ -19,12 +19,12 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-from .config import Label
+from .config import Label, NodeName
 from .errors import ConfigError, InvalidDeployment
 
 __all__ = ["Deployment", "DeploymentTable", "LaunchRequest", "UpdateRequest"]
 
-Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+Name = NodeName
 """A node name as a placement constraint (what `meshnode start --name` accepts)."""
 
 

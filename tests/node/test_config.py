@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from meshnode.node import ConfigError, NodeConfig, load_config
+from meshnode.node.config import host_port
 
 
 def test_defaults() -> None:
@@ -52,6 +53,13 @@ def test_labels_from_flags_env_or_file(tmp_path: Path) -> None:
     ({}, {"MESHNODE_LABELS": "-dash-first"}, None, "labels"),
     ({"labels": tuple(f"l{i}" for i in range(17))}, {}, None, "labels"),
     ({"labels": tuple(f"{i}" * 60 for i in range(5))}, {}, None, "bytes of the gossiped"),
+    ({"name": "bad/name"}, {}, None, "invalid node name 'bad/name'"),
+    ({"name": "x" * 65}, {}, None, "invalid node name"),
+    ({"join": ("seed:99999",)}, {}, None, "invalid --join 'seed:99999'"),
+    ({}, {"MESHNODE_JOIN": "a:7701,b:port"}, None, "invalid --join 'b:port'"),
+    ({}, {}, 'join = ["[::1]x"]\n', "invalid --join"),
+    ({"advertise_addr": "10.0.0.1:0"}, {}, None, "invalid --advertise-addr"),
+    ({"advertise_addr": "10.0.0.1", "gossip_port": 0}, {}, None, "HOST:PORT"),
 ])
 def test_bad_settings_are_clear_errors(tmp_path: Path, flags: dict, env: dict,
                                        text: str | None, message: str) -> None:
@@ -66,6 +74,24 @@ def test_bad_settings_are_clear_errors(tmp_path: Path, flags: dict, env: dict,
 def test_missing_config_file() -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_config({}, env={}, config_file="/nonexistent.toml")
+    with pytest.raises(ConfigError, match="cannot read config file .*: Is a directory"):
+        load_config({}, env={}, config_file=str(Path(__file__).parent))
+
+
+def test_seed_and_advertised_addresses() -> None:
+    assert [host_port(t, 7701, "--join") for t in ("h", "h:1", "[::1]", "[fe80::1]:9")] == [
+        ("h", 7701), ("h", 1), ("::1", 7701), ("fe80::1", 9)]
+    config = load_config({"join": ("10.0.0.2", "box:7800"), "name": "box-1.lan"}, env={})
+    assert config.join == ("10.0.0.2", "box:7800") and config.name == "box-1.lan"
+
+
+def test_a_host_name_too_long_for_a_node_name_gives_its_first_label(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+    monkeypatch.setattr(socket, "gethostname", lambda: "gpu-box." + "sub." * 20 + "lan")
+    assert load_config({}, env={}).name == "gpu-box"
+    monkeypatch.setattr(socket, "gethostname", lambda: "laptop.lan")
+    assert load_config({}, env={}).name == "laptop.lan"  # a valid name is kept whole
 
 
 def test_config_is_frozen() -> None:

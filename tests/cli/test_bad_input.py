@@ -1,0 +1,48 @@
+"""Bad flags through the real command: a clear one-line error and exit 1, never a traceback.
+`launch --chat-template FILE` with a file it cannot use fails before any request (the
+endpoint here answers nothing); `start` with a model or a setting it cannot use fails
+before serving."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+NOWHERE = "http://127.0.0.1:9"  # discard port: a request sent there would fail differently
+
+
+@pytest.mark.parametrize(("content", "why"), [
+    (None, "No such file or directory"),
+    (b"\xff\xfe\x00bad", "not UTF-8 text"),
+    (b"  \n", "is empty"),
+])
+def test_an_unusable_template_file_is_refused_by_name(tmp_path: Path, content: bytes | None,
+                                                      why: str) -> None:
+    path = tmp_path / "template.jinja"
+    if content is not None:
+        path.write_bytes(content)
+    run = subprocess.run([sys.executable, "-m", "meshnode", "launch", "gemma-3-270m",
+                          "--chat-template", str(path), "--endpoint", NOWHERE],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 1, run
+    assert run.stderr.startswith("meshnode: ") and str(path) in run.stderr, run.stderr
+    assert why in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize(("flags", "says"), [
+    (["--model", "/nonexistent/model.gguf"], "cannot start the node: model file not found"),
+    (["--model", "no-such-model"], "cannot start the node: unknown model 'no-such-model'"),
+    (["--join", "seed:http"], "invalid --join 'seed:http'"),
+    (["--name", "bad name"], "invalid node name 'bad name'"),
+])
+def test_start_refuses_what_it_cannot_use(tmp_path: Path, flags: list[str], says: str) -> None:
+    run = subprocess.run([sys.executable, "-m", "meshnode", "start", "--http-port", "0",
+                          "--gossip-port", "0", "--no-mdns", "--data-dir", str(tmp_path),
+                          *flags], capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 1, run
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("meshnode: ") and says in last, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
