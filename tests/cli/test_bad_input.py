@@ -46,3 +46,42 @@ def test_start_refuses_what_it_cannot_use(tmp_path: Path, flags: list[str], says
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("meshnode: ") and says in last, run.stderr
     assert "Traceback" not in run.stderr, run.stderr
+
+
+def meshnode(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "meshnode", *args], capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+@pytest.mark.parametrize("endpoint", ["notaurl", "http://127.0.0.1:99999", "ftp://host"])
+def test_an_endpoint_that_is_not_a_node_url_is_refused(endpoint: str) -> None:
+    run = meshnode("ps", "--endpoint", endpoint)
+    assert run.returncode == 1, run
+    assert run.stderr.startswith(f"meshnode: invalid endpoint '{endpoint}'"), run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_an_endpoint_that_answers_no_json_is_named() -> None:
+    import http.server
+    import threading
+
+    class Html(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(b"<html>a web server, not a node</html>")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with http.server.HTTPServer(("127.0.0.1", 0), Html) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            url = f"http://127.0.0.1:{server.server_address[1]}"
+            run = meshnode("ps", "--endpoint", url)
+        finally:
+            server.shutdown()
+    assert run.returncode == 1, run
+    assert "not JSON: is it a meshnode node?" in run.stderr and url in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr
