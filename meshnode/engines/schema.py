@@ -197,17 +197,18 @@ class ChatCompletionRequest(_Common, frozen=True, kw_only=True):
     max_completion_tokens: PositiveInt | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
-    # OpenAI fields that leave the answer as it is: accepted and not acted on, except
-    # prompt_cache_key, which joins the prompt's prefix in the routing key (as at OpenAI).
-    metadata: dict[str, str] | None = None
-    parallel_tool_calls: bool | None = None
-    prediction: dict[str, Any] | None = None
+    # OpenAI fields that leave the answer as it is: accepted and not acted on (any value:
+    # an external engine's server judges them itself), except prompt_cache_key, which joins
+    # the prompt's prefix in the routing key (as at OpenAI).
+    metadata: Any = None
+    parallel_tool_calls: Any = None
+    prediction: Any = None
     prompt_cache_key: str | None = None
-    prompt_cache_options: dict[str, Any] | None = None
-    prompt_cache_retention: str | None = None
-    safety_identifier: str | None = None
-    service_tier: str | None = None
-    store: bool | None = None
+    prompt_cache_options: Any = None
+    prompt_cache_retention: Any = None
+    safety_identifier: Any = None
+    service_tier: Any = None
+    store: Any = None
 
     def check(self) -> None:
         """Refuse what cannot be honoured; raises InvalidRequest."""
