@@ -85,3 +85,26 @@ def test_an_endpoint_that_answers_no_json_is_named() -> None:
     assert run.returncode == 1, run
     assert "not JSON: is it a meshnode node?" in run.stderr and url in run.stderr, run.stderr
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize(("content", "mode", "says"), [
+    (b"junk", 0o600, "not a PEM private key"),
+    (None, 0o644, "run `chmod 600"),
+])
+def test_start_names_a_node_key_it_cannot_use(tmp_path: Path, content: bytes | None, mode: int,
+                                              says: str) -> None:
+    key = tmp_path / "node_key.pem"
+    if content is None:  # a real key, left readable by others
+        from meshnode.mesh.identity import NodeIdentity
+        NodeIdentity.load_or_create(tmp_path)
+    else:
+        key.write_bytes(content)
+    key.chmod(mode)
+    before = key.read_bytes()
+    run = meshnode("start", "--http-port", "0", "--gossip-port", "0", "--no-mdns",
+                   "--data-dir", str(tmp_path))
+    assert run.returncode == 1, run
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("meshnode: node key in ") and says in last, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+    assert key.read_bytes() == before  # never replaced
