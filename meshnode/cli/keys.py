@@ -74,7 +74,8 @@ def _create(args: argparse.Namespace) -> int:
 
     from meshnode.node import CreateKeyRequest, NodeError, new_key
 
-    models = tuple(m.strip() for m in (args.models or "").split(",") if m.strip())
+    models = None if args.models is None else tuple(
+        m.strip() for m in args.models.split(",") if m.strip())
     try:
         req = CreateKeyRequest(role=args.role, name=args.name or "", models=models,
                                expires_in_s=parse_duration(args.expires))

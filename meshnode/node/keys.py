@@ -62,8 +62,9 @@ class CreateKeyRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
 
     role: Role
     name: Annotated[str, Meta(max_length=64)] = ""
-    models: tuple[Annotated[str, Meta(min_length=1, max_length=128)], ...] = ()
-    """Deployments a user key may call; empty = all. Ignored for admin keys (they may do all)."""
+    models: tuple[Annotated[str, Meta(min_length=1, max_length=128)], ...] | None = None
+    """Deployments a user key may call; None (left out) = all. An empty list is refused: it
+    reads as "none", and a key must not get every model by a slip. Admin keys take none."""
     expires_in_s: Annotated[float, Meta(gt=0, le=10 * 365 * 86400)] | None = None
     """Lifetime in seconds from now; None = no expiry."""
 
@@ -117,13 +118,16 @@ def new_key(req: CreateKeyRequest, origin: str, now: float | None = None) -> tup
     """(the printable key, shown once; the entry to store). InvalidDeployment for bad input."""
     if not req.name.isprintable():
         raise InvalidDeployment("key name must be printable", param="name")
+    if req.models is not None and not req.models:
+        raise InvalidDeployment("models names no deployment: leave it out for a key that may "
+                                "call every model", param="models")
     if req.role == "admin" and req.models:
         raise InvalidDeployment("an admin key may use every model: drop --models, or make a "
                                 "user key", param="models")
     now = time.time() if now is None else now
     key_id = secrets.token_hex(6)
     secret = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode("ascii").rstrip("=")
-    entry = ApiKey(id=key_id, name=req.name, role=req.role, models=tuple(sorted(set(req.models))),
+    entry = ApiKey(id=key_id, name=req.name, role=req.role, models=tuple(sorted(set(req.models or ()))),
                    created=int(now),
                    expires=int(now + req.expires_in_s) if req.expires_in_s else 0,
                    secret_sha256=hash_secret(secret), version=time.time_ns(), origin=origin)

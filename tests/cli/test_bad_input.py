@@ -108,3 +108,14 @@ def test_start_names_a_node_key_it_cannot_use(tmp_path: Path, content: bytes | N
     assert last.startswith("meshnode: node key in ") and says in last, run.stderr
     assert "Traceback" not in run.stderr, run.stderr
     assert key.read_bytes() == before  # never replaced
+
+
+def test_a_user_key_for_no_model_is_refused_not_made_a_key_for_all(tmp_path: Path) -> None:
+    run = meshnode("keys", "create", "--role", "user", "--models", ",,", "--data-dir",
+                   str(tmp_path))
+    assert run.returncode == 1, run
+    assert "models names no deployment" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "api_keys.json").exists()
+    run = meshnode("keys", "create", "--role", "user", "--models", "chat-a", "--data-dir",
+                   str(tmp_path))
+    assert run.returncode == 0 and "models: chat-a" in run.stdout, run

@@ -62,6 +62,9 @@ def test_bad_requests_change_nothing() -> None:
         make("admin", models=("m",))
     with pytest.raises(InvalidDeployment):
         make(name="bad\nname")
+    with pytest.raises(InvalidDeployment, match="names no deployment"):
+        make(models=())  # "none" by a slip must not become "all"
+    assert make(models=None)[1].models == () and make()[1].models == ()  # left out: all
     with pytest.raises(msgspec.ValidationError):
         msgspec.json.decode(b'{"role": "root"}', type=CreateKeyRequest)
     with pytest.raises(msgspec.ValidationError):
