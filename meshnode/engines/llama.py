@@ -125,7 +125,7 @@ class LlamaEngine:
                 param="messages", code="no_chat_template",
             )
         rendered = self._formatter(
-            messages=[{"role": m.role, "content": m.text()} for m in messages]
+            messages=[m.for_template() for m in messages]
         )
         tokens = self._llm.tokenize(
             rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True

@@ -103,7 +103,7 @@ class MlxEngine:
 
         try:
             text = self._tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.text()} for m in messages],
+                [m.for_template() for m in messages],
                 tokenize=False, add_generation_prompt=True, chat_template=self._template)
         except TemplateError as exc:
             raise InvalidRequest(f"the chat template refused these messages: {exc}",

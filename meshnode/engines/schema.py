@@ -59,6 +59,14 @@ class ChatMessage(msgspec.Struct, frozen=True):
     content: str | list[TextPart | ImagePart] | None = None
     name: str | None = None
 
+    def for_template(self) -> dict[str, str]:
+        """The message as a chat template reads it: role, content and, when given, name
+        (the template decides whether a participant's name shows)."""
+        out = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
     def text(self) -> str:
         """The message's text; image parts are refused before this is called."""
         if self.content is None:

@@ -70,15 +70,17 @@ def test_openai_hints_are_accepted(client: openai.OpenAI, openai_spec: OpenAISpe
     assert raw.parse().usage.completion_tokens > 0
 
 
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m.name %}{{ m.name }}, {% endif %}"
+            "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}")
 
 
 def test_a_base_model_chats_with_a_template_given_at_launch(node: NodeProcess,
                                                             openai_spec: OpenAISpec) -> None:
     """Gemma 3 base has no chat template; launched with one, it chats through it (the prompt
-    is the template's rendering, BOS from `bos_token` included: as many tokens as that text
-    sent as a completion, where the engine adds the BOS). A
+    is the template's rendering, BOS from `bos_token` included and a message's `name` when
+    given: as many tokens as that text sent as a completion, where the engine adds the
+    BOS). A
     template that is not Jinja is a 400 that launches nothing."""
     before = get_json(node.url + "/v1/deployments")["data"]
     status, body = post_json(node.url + "/v1/deployments",
@@ -92,16 +94,21 @@ def test_a_base_model_chats_with_a_template_given_at_launch(node: NodeProcess,
     assert status == 201, body
     try:
         node.wait_ready("gemma-chat")
-        messages = [{"role": "user", "content": "Name a fruit."}]
-        status, reply = post_json(node.url + "/v1/chat/completions",
-                                  {"model": "gemma-chat", "messages": messages, "max_tokens": 4})
-        assert status == 200, reply
-        openai_spec.validate("CreateChatCompletionResponse", reply)
-        status, plain = post_json(node.url + "/v1/completions",
-                                  {"model": "gemma-chat", "max_tokens": 1,
-                                   "prompt": "user: Name a fruit.\nassistant:"})
-        assert status == 200, plain
-        assert reply["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
+        for name, rendered in ((None, "user: Name a fruit.\nassistant:"),
+                               ("Ada", "Ada, user: Name a fruit.\nassistant:")):
+            message = {"role": "user", "content": "Name a fruit."}
+            if name:
+                message["name"] = name  # a participant's name reaches the template
+            status, reply = post_json(node.url + "/v1/chat/completions",
+                                      {"model": "gemma-chat", "messages": [message],
+                                       "max_tokens": 4})
+            assert status == 200, reply
+            openai_spec.validate("CreateChatCompletionResponse", reply)
+            status, plain = post_json(node.url + "/v1/completions",
+                                      {"model": "gemma-chat", "max_tokens": 1,
+                                       "prompt": rendered})
+            assert status == 200, plain
+            assert reply["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"], name
     finally:
         request = urllib.request.Request(node.url + "/v1/deployments/gemma-chat",
                                          method="DELETE")

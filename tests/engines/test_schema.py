@@ -119,3 +119,12 @@ def test_strict_refuses_an_unknown_field_by_name_and_takes_openai_hints() -> Non
         decode_request(b'{"model": "m", "prompt": "x", "mirostat": 2}', strict(CompletionRequest))
     assert info.value.param == "mirostat"
     assert strict(CompletionRequest) is strict(CompletionRequest)  # built once
+
+
+def test_a_message_reaches_the_template_with_its_name_when_it_has_one() -> None:
+    req = decode_request(chat(messages='[{"role": "user", "content": "hi", "name": "Ada"}, '
+                                       '{"role": "assistant", "content": "hello"}]'),
+                         ChatCompletionRequest)
+    assert [m.for_template() for m in req.messages] == [
+        {"role": "user", "content": "hi", "name": "Ada"},
+        {"role": "assistant", "content": "hello"}]

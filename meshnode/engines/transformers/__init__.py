@@ -133,7 +133,7 @@ class TransformersEngine:
                 param="messages", code="no_chat_template",
             )
         import jinja2
-        conversation = [{"role": m.role, "content": m.text()} for m in messages]
+        conversation = [m.for_template() for m in messages]
         try:
             with self._lock:
                 text = self._tokenizer.apply_chat_template(
