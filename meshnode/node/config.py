@@ -207,10 +207,21 @@ def load_config(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] |
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
         merged = {k.replace("-", "_"): v for k, v in merged.items()}
-    merged.update(_from_env(env))
+        _check(merged, f"config file {path}")  # a bad value is an error even if overridden
+    from_env = _from_env(env)
+    _check(from_env, f"{ENV_PREFIX}* variables")
+    merged.update(from_env)
     merged.update({k: v for k, v in (flags or {}).items() if v is not None and v != ()})
     try:
         config = msgspec.convert(merged, NodeConfig, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"invalid configuration: {exc}") from None
     return config.resolved()
+
+
+def _check(values: dict[str, Any], source: str) -> None:
+    """ConfigError naming `source` if its own values do not make a NodeConfig."""
+    try:
+        msgspec.convert(values, NodeConfig, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid configuration in {source}: {exc}") from None

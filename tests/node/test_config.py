@@ -71,6 +71,15 @@ def test_bad_settings_are_clear_errors(tmp_path: Path, flags: dict, env: dict,
         load_config(flags, env=env, config_file=str(path) if path else None)
 
 
+def test_a_bad_value_is_an_error_even_where_a_flag_overrides_it(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('http_port = "eighty"\n')
+    with pytest.raises(ConfigError, match=f"in config file {f}: .*http_port"):
+        load_config({"http_port": 7800}, env={}, config_file=str(f))
+    with pytest.raises(ConfigError, match="in MESHNODE_\\* variables: .*grace_s"):
+        load_config({"grace_s": 1.0}, env={"MESHNODE_GRACE_S": "soon"})
+
+
 def test_missing_config_file() -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_config({}, env={}, config_file="/nonexistent.toml")
