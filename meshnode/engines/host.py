@@ -79,6 +79,9 @@ class Host:
         self.load_error: str | None = None
         self.waiting = 0
         self.fingerprint = f"meshnode-{launch.engine}"
+        self.unknown_hint = (f"the {launch.engine} engine does not support it; remove it, or "
+                             "launch the model on an engine that does (vLLM and SGLang "
+                             "receive such options unchanged)")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         # An adapter that batches requests itself (`concurrent = True`) has its generators
         # iterated on a thread each, so that they run together; threads start on demand.
@@ -189,16 +192,8 @@ async def health(request: web.Request) -> web.Response:
 async def _decode(request: web.Request, schema: type[T]) -> T:
     """The request body as `schema`, refusing any field it does not declare: this engine
     would drop it unseen (schema.py)."""
-    try:
-        return decode_request(await request.read(), strict(schema))
-    except InvalidRequest as exc:
-        if not str(exc).startswith("Object contains unknown field"):
-            raise
-        engine = request.app[_HOST].launch.engine
-        raise InvalidRequest(
-            f"unknown field `{exc.param}`: the {engine} engine does not support it; remove "
-            "it, or launch the model on an engine that does (vLLM and SGLang receive such "
-            "options unchanged)", param=exc.param) from None
+    return decode_request(await request.read(), strict(schema),
+                          unknown_hint=request.app[_HOST].unknown_hint)
 
 
 def _request_id(request: web.Request) -> str:

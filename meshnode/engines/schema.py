@@ -343,17 +343,25 @@ _decoders: dict[type, msgspec.json.Decoder] = {}
 T = TypeVar("T")
 
 
-def decode_request(body: bytes, cls: type[T], check: bool = True) -> T:
+_UNKNOWN = "Object contains unknown field `"
+
+
+def decode_request(body: bytes, cls: type[T], check: bool = True,
+                   unknown_hint: str = "") -> T:
     """Decode and check a request body; every failure is an InvalidRequest naming the param.
     `check=False` skips the request's own `check()` (what the engine cannot honour): a node
-    that forwards the request leaves that to the node that serves it."""
+    that forwards the request leaves that to the node that serves it. `unknown_hint` follows
+    the message of a field that `cls` refuses as unknown (what to do instead)."""
     decoder = _decoders.get(cls)
     if decoder is None:
         decoder = _decoders[cls] = msgspec.json.Decoder(cls)
     try:
         request = decoder.decode(body)
     except msgspec.ValidationError as exc:
-        raise InvalidRequest(str(exc), param=_param_of(str(exc))) from None
+        message = str(exc)
+        if unknown_hint and message.startswith(_UNKNOWN):
+            message = f"{message}: {unknown_hint}"
+        raise InvalidRequest(message, param=_param_of(str(exc))) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
     if check:
@@ -377,8 +385,7 @@ def _param_of(message: str) -> str | None:
     marker = "- at `$."
     at = message.rfind(marker)
     if at < 0:
-        if message.startswith(("Object missing required field `",
-                               "Object contains unknown field `")):
+        if message.startswith(("Object missing required field `", _UNKNOWN)):
             return message.split("`")[1]
         return None
     return message[at + len(marker):].rstrip("`")

@@ -33,13 +33,8 @@ _LAUNCH_FIELDS = ", ".join(LaunchRequest.__struct_fields__)
 
 @routes.post("/v1/deployments")
 async def launch(request: web.Request) -> web.Response:
-    try:
-        req = decode_request(await request.read(), LaunchRequest)
-    except InvalidRequest as exc:
-        if "unknown field" not in str(exc):
-            raise
-        raise InvalidRequest(f"{exc}: a launch takes {_LAUNCH_FIELDS}", param=exc.param) \
-            from None
+    req = decode_request(await request.read(), LaunchRequest,
+                         unknown_hint=f"a launch takes {_LAUNCH_FIELDS}")
     view = await request.app[NODE].launch(req)
     return _json(view, status=201)
 
@@ -56,14 +51,9 @@ async def get_deployment(request: web.Request) -> web.Response:
 
 @routes.patch("/v1/deployments/{name}")
 async def update(request: web.Request) -> web.Response:
-    try:
-        change = decode_request(await request.read(), UpdateRequest)
-    except InvalidRequest as exc:
-        if "unknown field" not in str(exc):
-            raise
-        raise InvalidRequest(f"{exc}: PATCH changes replicas, nodes, labels or min_ram_mb; "
-                             "to change anything else, stop the deployment and launch it "
-                             "again", param=exc.param) from None
+    change = decode_request(await request.read(), UpdateRequest, unknown_hint=(
+        "PATCH changes replicas, nodes, labels or min_ram_mb; to change anything else, stop "
+        "the deployment and launch it again"))
     return _json(await request.app[NODE].update(request.match_info["name"], change))
 
 

@@ -141,9 +141,9 @@ class NodeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
         name = self.name
         if not name:  # the host name; its first label where the whole is too long
             name = socket.gethostname()
-            if not re.match(NAME_PATTERN, name):
+            if not re.fullmatch(NAME_PATTERN, name):
                 name = name.split(".")[0]
-        if not re.match(NAME_PATTERN, name):
+        if not re.fullmatch(NAME_PATTERN, name):
             raise ConfigError(f"invalid node name {name!r}: use 1-64 letters, digits, '.', "
                               "'_' or '-' (--name NAME)")
         return msgspec.structs.replace(

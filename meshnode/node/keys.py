@@ -127,7 +127,8 @@ def new_key(req: CreateKeyRequest, origin: str, now: float | None = None) -> tup
     now = time.time() if now is None else now
     key_id = secrets.token_hex(6)
     secret = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode("ascii").rstrip("=")
-    entry = ApiKey(id=key_id, name=req.name, role=req.role, models=tuple(sorted(set(req.models or ()))),
+    entry = ApiKey(id=key_id, name=req.name, role=req.role,
+                   models=tuple(sorted(set(req.models or ()))),
                    created=int(now),
                    expires=int(now + req.expires_in_s) if req.expires_in_s else 0,
                    secret_sha256=hash_secret(secret), version=time.time_ns(), origin=origin)

@@ -52,7 +52,7 @@ from .prefixes import PrefixLedger
 from .replicas import Replica
 from .retiring import Retiring
 from .router import Router
-from .security import INTERNAL_REVOCATION_PATH, ClusterSecurity
+from .security import INTERNAL_REVOCATION_PATH, ClusterSecurity, data_dir_identity
 from .sync import DeploymentSync, Peer, TableSync, encode_entries
 from .views import DeploymentView, deployment_view
 
@@ -133,13 +133,7 @@ class Node:
         if self.security is not None:
             self.identity = self.security.identity
         else:
-            try:
-                self.identity = await asyncio.to_thread(NodeIdentity.load_or_create,
-                                                        self.data_dir)
-            except SecurityError as exc:  # a key file corrupt or open to others: never replaced
-                hint = ("" if "chmod" in str(exc) else ": restore it from a backup, or move it "
-                        "away to start as a new node (with a new node id)")
-                raise ConfigError(f"node key in {self.data_dir}: {exc}{hint}") from None
+            self.identity = await asyncio.to_thread(data_dir_identity, self.data_dir)
         self.node_id = self.identity.node_id
         # The table as this node last saw it: a cluster restarted as a whole comes back with
         # its deployments; peers' newer writes (and tombstones) win when they are merged.

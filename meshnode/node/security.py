@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import os
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from meshnode.mesh.crypto_errors import (
     CertificateExpiredError,
     CertificateNotYetValidError,
     CertificateRevokedError,
+    FileCorruptError,
     RevocationError,
     SecurityError,
 )
@@ -106,13 +108,22 @@ def _read(path: str, what: str, private: bool = False) -> bytes:
         raise ConfigError(f"cannot read {what} file {path}: {exc.strerror}") from None
 
 
+def data_dir_identity(data_dir: str | os.PathLike[str]) -> NodeIdentity:
+    """The key in `data_dir` (created on first start); ConfigError saying what to do when it
+    is corrupt or open to others (it is never replaced: the node id would change)."""
+    try:
+        return NodeIdentity.load_or_create(data_dir)
+    except FileCorruptError as exc:
+        raise ConfigError(f"node key in {data_dir}: {exc}: restore it from a backup, or move "
+                          "it away to start as a new node (with a new node id)") from None
+    except SecurityError as exc:  # its mode: the message says which chmod
+        raise ConfigError(f"node key in {data_dir}: {exc}") from None
+
+
 def load_identity(config: NodeConfig) -> NodeIdentity:
     """The node's key: the `key` file if given, else the data dir's (created on first start)."""
     if not config.key:
-        try:
-            return NodeIdentity.load_or_create(config.data_dir)
-        except SecurityError as exc:
-            raise ConfigError(f"node key in {config.data_dir}: {exc}") from None
+        return data_dir_identity(config.data_dir)
     data = _read(config.key, "key", private=True)
     try:
         key = serialization.load_pem_private_key(data, password=None)
