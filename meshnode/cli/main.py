@@ -97,6 +97,10 @@ def _launch(args: argparse.Namespace) -> int:
         body["labels"] = args.label
     if args.min_ram_mb:
         body["min_ram_mb"] = args.min_ram_mb
+    if args.context_length is not None:
+        body["context_length"] = args.context_length
+    if args.engine_args:
+        body["engine_args"] = args.engine_args
     view = client.request("POST", "/v1/deployments", body)
     name = view["name"]
     if args.no_wait:
@@ -305,12 +309,18 @@ def build_parser() -> argparse.ArgumentParser:
         return q
 
     p = client_parser("launch", "launch a model on the mesh and wait until it is ready")
+    p.usage = "meshnode launch [options] MODEL [-- ENGINE_ARG ...]"
+    p.epilog = ("Everything after -- is added to the vllm or sglang server's command line: "
+                "meshnode launch MODEL --engine vllm -- --max-num-seqs 8 --dtype float16")
     p.add_argument("model", help="a catalogue name (see `meshnode catalogue`) or a .gguf path")
     p.add_argument("--name", help="deployment name requests will use (default: the model name)")
     p.add_argument("--engine", help="force an engine: llama.cpp, transformers, vllm, sglang, mlx")
     p.add_argument("--replicas", type=int, default=1, metavar="N",
                    help="replicas to place, on different nodes (default 1)")
     p.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template to use")
+    p.add_argument("--context-length", type=int, metavar="TOKENS",
+                   help="context window (default: the model's, at most the node's "
+                        "max_context_length)")
     p.add_argument("--node", action="append", metavar="NAME",
                    help="run replicas only on this node (repeatable: any of these nodes)")
     p.add_argument("--label", action="append", metavar="LABEL",
@@ -361,7 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    engine_args: list[str] = []
+    if argv[:1] == ["launch"] and "--" in argv:  # the engine's own arguments, taken verbatim
+        cut = argv.index("--")
+        argv, engine_args = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
+    args.engine_args = engine_args
     install_api_key()  # MESHNODE_API_KEY, for every command that calls a node
     try:
         code = args.func(args)

@@ -13,10 +13,10 @@ from .errors import (
     EngineUnsupported,
     InvalidRequest,
 )
-from .launch import ENGINE_NAMES, EngineLaunch
+from .launch import ENGINE_NAMES, SERVER_ENGINES, EngineLaunch
 from .process import EngineProcess, EngineState, SupervisorConfig
 from .select import EngineOption, Hardware, choose_engine, detect_hardware, probe_engines
-from .servers import Command, command_for
+from .servers import Command, check_engine_args, command_for
 from .schema import (
     ChatCompletionRequest,
     ChatMessage,
@@ -44,12 +44,14 @@ __all__ = [
     "EngineOption",
     "Hardware",
     "Command",
+    "check_engine_args",
     "choose_engine",
     "command_for",
     "detect_hardware",
     "probe_engines",
     "InvalidRequest",
     "RerankRequest",
+    "SERVER_ENGINES",
     "SupervisorConfig",
     "decode_request",
 ]

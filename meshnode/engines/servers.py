@@ -12,17 +12,67 @@ import importlib
 import os
 import sys
 
+from collections.abc import Sequence
+
 import msgspec
 
-from .launch import EngineLaunch
+from .errors import InvalidRequest
+from .launch import SERVER_ENGINES, EngineLaunch
 
-__all__ = ["Command", "EXTERNAL", "command_for"]
+__all__ = ["Command", "EXTERNAL", "check_engine_args", "command_for"]
 
 # Engines that run their own server: name -> (module, function(launch, socket_path) -> Command)
 EXTERNAL = {
     "vllm": ("meshnode.engines.vllm", "server_command"),
     "sglang": ("meshnode.engines.sglang", "server_command"),
 }
+assert tuple(EXTERNAL) == SERVER_ENGINES
+
+# Options of a server's command line that the node sets itself, and what to use instead.
+# `--flag value`, `--flag=value`, `--flag_name` (both servers accept underscores) and an
+# abbreviation (argparse takes any unambiguous prefix) all count.
+_LINK = "the node sets it to reach the server"
+RESERVED: dict[str, dict[str, str]] = {
+    "vllm": {
+        "--model": "give the model to launch", "--served-model-name": "give --name",
+        "--uds": _LINK, "--host": _LINK, "--port": _LINK, "--api-key": _LINK,
+        "--root-path": _LINK, "--ssl-keyfile": _LINK, "--ssl-certfile": _LINK,
+        "--max-model-len": "give --context-length", "--chat-template": "give --chat-template",
+    },
+    "sglang": {
+        "--model-path": "give the model to launch", "--model": "give the model to launch",
+        "--served-model-name": "give --name", "--host": _LINK, "--port": _LINK,
+        "--api-key": _LINK, "--ssl-keyfile": _LINK, "--ssl-certfile": _LINK,
+        "--context-length": "give --context-length", "--chat-template": "give --chat-template",
+    },
+}
+
+
+def check_engine_args(engine: str, args: Sequence[str]) -> None:
+    """InvalidRequest (param engine_args) unless `args` can be added to `engine`'s server
+    command line: only vLLM and SGLang run a server of their own (the other engines run in
+    meshnode's engine host, whose options are the launch's fields), and no argument may
+    give an option the node sets itself (RESERVED)."""
+    if not args:
+        return
+    if engine not in EXTERNAL:
+        raise InvalidRequest(
+            f"engine arguments go on the command line of the vllm and sglang servers; the "
+            f"{engine} engine runs inside meshnode and takes none: remove them, or launch "
+            "with --engine vllm or sglang", param="engine_args")
+    reserved = RESERVED[engine]
+    for arg in args:
+        if "\0" in arg:
+            raise InvalidRequest("an engine argument holds a NUL character",
+                                 param="engine_args")
+        if not arg.startswith("--") or len(arg) < 4:
+            continue  # a value, or a short option (-tp 2, -q awq): none is reserved
+        option = arg.split("=", 1)[0].replace("_", "-")
+        for flag, instead in reserved.items():
+            if flag.startswith(option):
+                raise InvalidRequest(
+                    f"engine argument {arg[:200]!r} gives {flag}, which meshnode sets on the "
+                    f"{engine} server itself: {instead}", param="engine_args")
 
 
 class Command(msgspec.Struct, frozen=True, kw_only=True):

@@ -246,9 +246,10 @@ class _Conn(asyncio.Protocol):
             self.pending = None
             return
         try:
-            decoded.check()  # type: ignore[attr-defined]
             if ability not in node.abilities(decoded.model):
                 return self._hand_over()
+            if node.checks(decoded.model):
+                decoded.check()  # type: ignore[attr-defined]
         except (InvalidRequest, NodeError):
             return self._hand_over()
         del buf[:size]

@@ -38,12 +38,17 @@ def _not_served(model: str, ability: str) -> InvalidRequest:
 
 
 def _inference(path: str, schema: type, ability: str) -> Handler:
-    """A thin handler: decode and check the body, then route it to a replica unchanged."""
+    """A thin handler: decode and check the body, then route it to a replica unchanged.
+    What a request asks is checked here only for a model on meshnode's engine host; vLLM's
+    and SGLang's servers judge their own (Node.checks)."""
     async def handler(request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        req = decode_request(body, schema)
-        if ability not in request.app[NODE].abilities(req.model):
+        req = decode_request(body, schema, check=False)
+        node = request.app[NODE]
+        if ability not in node.abilities(req.model):
             raise _not_served(req.model, ability)
+        if node.checks(req.model):
+            req.check()
         return await answer(request, req.model, path, body, request_key(req))
     return handler
 

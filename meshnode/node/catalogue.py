@@ -109,8 +109,12 @@ def find_spec(model: str) -> ModelSpec:
             raise InvalidDeployment(f"{path} is not a .gguf file; only GGUF files can be "
                                     "launched by path for now", param="model")
         name = re.sub(r"[^A-Za-z0-9._-]", "-", path.stem.lower())[:64].strip("-.") or "model"
-        return ModelSpec(name=name, family="local", abilities=gguf_abilities(path),
-                         context_length=8192, formats=("gguf",),
+        meta = gguf_metadata(path)
+        window = meta.get(f"{meta.get('general.architecture')}.context_length")
+        return ModelSpec(name=name, family="local", abilities=gguf_abilities(path, meta),
+                         context_length=window if isinstance(window, int) and window > 0
+                         else LOCAL_CONTEXT,
+                         formats=("gguf",),
                          source=ModelSource(kind="path", file=str(path)),
                          size_mb=path.stat().st_size // 2**20,
                          description=f"local file {path}")
@@ -143,15 +147,29 @@ def size_mb(model: str) -> int:
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
                  10: "<Q", 11: "<q", 12: "<d"}
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
+LOCAL_CONTEXT = 8192
+"""Context window of a local GGUF whose header gives none (`{arch}.context_length`)."""
 _ENCODER_ARCHS = frozenset({"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2",
                             "jina-bert-v3", "modern-bert", "neo-bert", "t5encoder"})
 
 
-def gguf_abilities(path: Path) -> tuple[Ability, ...]:
-    """What a local GGUF serves, from its metadata: an embedding model (an encoder
-    architecture, or `{arch}.pooling_type` other than none) serves embed and rerank; any
-    other model chat and completion. Reads only the header's key-values; a header it cannot
-    read counts as a generative model, and the engine then says why the file does not load."""
+def gguf_abilities(path: Path, meta: dict[str, object] | None = None
+                   ) -> tuple[Ability, ...]:
+    """What a local GGUF serves, from its metadata (`meta`, else read from `path`): an
+    embedding model (an encoder architecture, or `{arch}.pooling_type` other than none) serves
+    embed and rerank; any other model chat and completion. A header that cannot be read counts
+    as a generative model, and the engine then says why the file does not load."""
+    if meta is None:
+        meta = gguf_metadata(path)
+    arch = meta.get("general.architecture")
+    pooling = meta.get(f"{arch}.pooling_type")
+    if arch in _ENCODER_ARCHS or (isinstance(pooling, int) and pooling > 0):
+        return ("embed", "rerank")
+    return ("chat", "completion")
+
+
+def gguf_metadata(path: Path) -> dict[str, object]:
+    """The key-values of a GGUF file's header (arrays as None); {} when it cannot be read."""
     import mmap
     import struct
 
@@ -186,12 +204,8 @@ def gguf_abilities(path: Path) -> tuple[Ability, ...]:
                 kind = struct.unpack_from("<I", m, pos)[0]
                 meta[key], pos = skip(kind, pos + 4)
     except (OSError, ValueError, KeyError, struct.error):
-        return ("chat", "completion")
-    arch = meta.get("general.architecture")
-    pooling = meta.get(f"{arch}.pooling_type")
-    if arch in _ENCODER_ARCHS or (isinstance(pooling, int) and pooling > 0):
-        return ("embed", "rerank")
-    return ("chat", "completion")
+        return {}
+    return meta
 
 
 def valid_name(name: str) -> bool:

@@ -26,6 +26,7 @@ __all__ = ["Deployment", "DeploymentTable", "LaunchRequest", "UpdateRequest"]
 
 Name = NodeName
 """A node name as a placement constraint (what `meshnode start --name` accepts)."""
+EngineArg = Annotated[str, Meta(min_length=1, max_length=4096)]
 
 
 class LaunchRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -38,6 +39,10 @@ class LaunchRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     replicas: Annotated[int, Meta(ge=1, le=64)] = 1
     chat_template: Annotated[str, Meta(min_length=1)] | None = None
     context_length: Annotated[int, Meta(ge=128)] | None = None
+    """Tokens of context; default the model's window, capped at the node's
+    max_context_length. More than either is refused."""
+    engine_args: Annotated[tuple[EngineArg, ...], Meta(max_length=64)] = ()
+    """Added to the command line of the vllm or sglang server (refused for other engines)."""
     nodes: Annotated[tuple[Name, ...], Meta(max_length=64)] = ()
     """Pin: run replicas only on nodes with these names."""
     labels: Annotated[tuple[Label, ...], Meta(max_length=16)] = ()
@@ -91,23 +96,28 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True):
     """What the model serves (chat, completion, embed, rerank) as the launching node read it,
     so a node without the file (a model given by path) lists it right; () for a deployment
     written before this field: each node then reads its own copy of the file."""
+    engine_args: tuple[str, ...] = ()
+    """Added to the vllm or sglang server's command line, in this order."""
 
     @property
     def shape(self) -> tuple[object, ...]:
         """What a running replica depends on: a change of any of these restarts it."""
-        return (self.model, self.engine, self.chat_template, self.context_length, self.created)
+        return (self.model, self.engine, self.chat_template, self.context_length, self.created,
+                self.engine_args)
 
     @classmethod
     def new(cls, *, name: str, model: str, engine: str, replicas: int,
             chat_template: str | None, context_length: int, origin: str,
             nodes: tuple[str, ...] = (), labels: tuple[str, ...] = (), min_ram_mb: int = 0,
-            size_mb: int = 0, abilities: tuple[str, ...] = ()) -> "Deployment":
+            size_mb: int = 0, abilities: tuple[str, ...] = (),
+            engine_args: tuple[str, ...] = ()) -> "Deployment":
         now = time.time_ns()
         return cls(name=name, model=model, engine=engine, replicas=replicas,
                    chat_template=chat_template, context_length=context_length,
                    created=now // 1_000_000_000, version=now, origin=origin,
                    nodes=tuple(sorted(set(nodes))), labels=tuple(sorted(set(labels))),
-                   min_ram_mb=min_ram_mb, size_mb=size_mb, abilities=abilities)
+                   min_ram_mb=min_ram_mb, size_mb=size_mb, abilities=abilities,
+                   engine_args=engine_args)
 
     def updated(self, change: UpdateRequest, origin: str) -> "Deployment":
         """This deployment with `change`'s fields (those not None), as a newer version."""

@@ -31,14 +31,15 @@ import msgspec
 import structlog
 
 from meshnode import __version__
-from meshnode.engines import (EngineOption, Hardware, SupervisorConfig, detect_hardware,
+from meshnode.engines import (SERVER_ENGINES, EngineOption, Hardware, InvalidRequest,
+                              SupervisorConfig, check_engine_args, detect_hardware,
                               probe_engines)
 from meshnode.mesh import MemberDead, MemberIndirect, MemberLeft, MemberState, MemberSuspected
 from meshnode.mesh.crypto_errors import RevocationError, SecurityError
 from meshnode.mesh.identity import NodeIdentity
 
 from . import engine_choice, placement
-from .catalogue import deployment_spec, find_spec, valid_name
+from .catalogue import ModelSpec, deployment_spec, find_spec, valid_name
 from .chat_template import check_chat_template
 from .cluster import Cluster, MemberView, NodeLoad, NodeMeta, node_load
 from .config import NodeConfig
@@ -382,6 +383,25 @@ class Node:
 
     # deployments ------------------------------------------------------------------------
 
+    def _context_length(self, asked: int | None, spec: ModelSpec) -> int:
+        """A launch's context window: the model's, capped at max_context_length; one asked
+        for beyond either is refused rather than cut."""
+        cap = self.config.max_context_length
+        if asked is None:
+            return min(spec.context_length, cap)
+        if asked > spec.context_length:
+            raise InvalidDeployment(
+                f"context_length {asked} is more than {spec.name}'s context window of "
+                f"{spec.context_length} tokens: give at most {spec.context_length}",
+                param="context_length")
+        if asked > cap:
+            raise InvalidDeployment(
+                f"context_length {asked} is more than this node's max_context_length of {cap} "
+                f"tokens (the KV cache grows with it): give at most {cap}, or raise "
+                "max_context_length (meshnode.toml or MESHNODE_MAX_CONTEXT_LENGTH) on the node "
+                "you launch from", param="context_length")
+        return asked
+
     async def launch(self, request: LaunchRequest) -> DeploymentView:
         """Validate (model, name, an engine some live node has), write it, let placement go."""
         if request.chat_template is not None:
@@ -395,8 +415,11 @@ class Node:
         assert self.hardware is not None
         engine = engine_choice.choose(spec, request.engine, self.engines, self.hardware, {
             e for _, meta, _ in self.peers.peers(PLACEMENT_STATES) for e in meta.engines}).engine
-        context = min(request.context_length or spec.context_length,
-                      self.config.max_context_length)
+        context = self._context_length(request.context_length, spec)
+        try:
+            check_engine_args(engine, request.engine_args)
+        except InvalidRequest as exc:
+            raise InvalidDeployment(str(exc), param=exc.param) from None
         async with self._lock:
             if name in self.deployments:
                 raise DeploymentExists(f"a deployment named {name!r} already exists: stop it "
@@ -407,7 +430,7 @@ class Node:
                 engine=engine, replicas=request.replicas, chat_template=request.chat_template,
                 context_length=context, origin=self.name, nodes=request.nodes,
                 labels=request.labels, min_ram_mb=request.min_ram_mb, size_mb=spec.size_mb,
-                abilities=spec.abilities)
+                abilities=spec.abilities, engine_args=request.engine_args)
             old = self.deployments.entry(name)
             if old is not None and old.version >= deployment.version:  # clock behind a peer
                 deployment = msgspec.structs.replace(deployment, version=old.version + 1)
@@ -465,6 +488,13 @@ class Node:
         return [deployment_view(d, members, self.node_id, self.replicas.get(d.name),
                                 where[d.name], self.abilities(d.name))
                 for d in (self.deployments.all() if table is None else table)]
+
+    def checks(self, name: str) -> bool:
+        """Whether a request for deployment `name` is checked here, before it is routed,
+        against what meshnode's engine host honours (the request's `check()`: n = 1, no
+        logprobs, tools or logit_bias, ...): not for vLLM or SGLang, whose own servers judge
+        it and offer those. ModelNotFound."""
+        return self._get(name).engine not in SERVER_ENGINES
 
     def abilities(self, name: str) -> tuple[str, ...]:
         """What deployment `name` serves (chat, completion, embed, rerank); ModelNotFound."""

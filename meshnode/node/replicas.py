@@ -95,6 +95,7 @@ class Replica:
             cache_dir=str(self._data_dir / "converted"),
             prompt_cache_mb=self._prompt_cache_mb,
             devices=() if self.gpu is None else (self.gpu,),
+            extra_args=d.engine_args,
         )
         self.process = EngineProcess(
             launch, run_dir=self._run_dir,

@@ -35,6 +35,8 @@ class DeploymentView(msgspec.Struct, frozen=True, kw_only=True):
     """Placement constraint: only nodes with every one of these labels."""
     min_ram_mb: int = 0
     """Placement constraint: only nodes with at least this much RAM."""
+    engine_args: tuple[str, ...] = ()
+    """Added to the vllm or sglang server's command line."""
 
 
 def deployment_view(d: Deployment, members: Mapping[str, NodeMeta], me: str,
@@ -49,7 +51,7 @@ def deployment_view(d: Deployment, members: Mapping[str, NodeMeta], me: str,
         name=d.name, model=d.model, engine=d.engine, replicas=d.replicas, abilities=abilities,
         context_length=d.context_length, created=d.created, version=d.version, status=status,
         message=message, placed=placed, nodes=d.nodes, labels=d.labels,
-        min_ram_mb=d.min_ram_mb)
+        min_ram_mb=d.min_ram_mb, engine_args=d.engine_args)
 
 
 def deployment_status(d: Deployment, placed: list[ReplicaStatus], where: placement.Placed,

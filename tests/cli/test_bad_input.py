@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import NodeProcess, get_json
 
 NOWHERE = "http://127.0.0.1:9"  # discard port: a request sent there would fail differently
 
@@ -119,3 +120,21 @@ def test_a_user_key_for_no_model_is_refused_not_made_a_key_for_all(tmp_path: Pat
     run = meshnode("keys", "create", "--role", "user", "--models", "chat-a", "--data-dir",
                    str(tmp_path))
     assert run.returncode == 0 and "models: chat-a" in run.stdout, run
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(("args", "says"), [
+    (["gemma-3-270m", "--context-length", "40000"],
+     "context_length 40000 is more than gemma-3-270m's context window of 32768 tokens"),
+    (["smollm2-135m-instruct", "--", "--max-num-seqs", "2"],
+     "the llama.cpp engine runs inside meshnode and takes none"),
+])
+def test_launch_options_reach_the_node_and_its_refusal_is_printed(
+        node: NodeProcess, args: list[str], says: str) -> None:
+    """--context-length and the engine arguments after -- are sent; the node's 400 is the
+    command's one-line error, and nothing is launched."""
+    before = get_json(node.url + "/v1/deployments")["data"]
+    run = meshnode("launch", "--name", "refused", "--endpoint", node.url, *args)
+    assert run.returncode == 1, run
+    assert run.stderr.startswith("meshnode: ") and says in run.stderr, run.stderr
+    assert get_json(node.url + "/v1/deployments")["data"] == before

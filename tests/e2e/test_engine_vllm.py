@@ -35,6 +35,8 @@ from conftest import (
 from meshnode.engines.external import private_tmp_dir
 
 NAME = "smollm2-vllm"
+MAX_LOGPROBS = 2  # given to vLLM by the launch's engine_args (vLLM's default: 20)
+ENGINE_ARGS = ["--max-logprobs", str(MAX_LOGPROBS)]  # vLLM's own options, from the launch
 START_S = 900.0  # a cold start converts the GGUF first; two busy cores make everything slower
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800), *needs_vllm]
@@ -78,9 +80,11 @@ def vllm_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]
     try:
         status, view = request(node.url + "/v1/deployments", "POST",
                                {"model": "smollm2-135m-instruct", "name": NAME,
-                                "engine": "vllm", "context_length": 2048})
+                                "engine": "vllm", "context_length": 2048,
+                                "engine_args": ENGINE_ARGS})
         assert status == 201, view
         assert view["engine"] == "vllm"
+        assert view["engine_args"] == ENGINE_ARGS
         node.wait_ready(NAME, timeout_s=START_S)
         yield node
     finally:
@@ -192,6 +196,36 @@ def test_response_format_json_schema_passes_through(client: openai.OpenAI) -> No
         response_format={"type": "json_schema",  # type: ignore[arg-type]
                          "json_schema": {"name": "city", "schema": schema, "strict": True}})
     jsonschema.validate(json.loads(reply.choices[0].message.content or ""), schema)
+
+
+def test_engine_args_reach_the_server(client: openai.OpenAI) -> None:
+    # --max-logprobs 2 from the launch's engine_args: vLLM refuses more, serves as many.
+    messages = [{"role": "user", "content": "Say hi."}]
+    with pytest.raises(openai.BadRequestError, match=f"max allowed: {MAX_LOGPROBS}"):
+        client.chat.completions.create(model=NAME, messages=messages,  # type: ignore[arg-type]
+                                       max_tokens=2, logprobs=True, top_logprobs=3)
+    reply = client.chat.completions.create(model=NAME, messages=messages,  # type: ignore[arg-type]
+                                           max_tokens=2, logprobs=True,
+                                           top_logprobs=MAX_LOGPROBS)
+    assert reply.choices[0].logprobs is not None and reply.choices[0].logprobs.content
+    assert all(len(t.top_logprobs) == MAX_LOGPROBS for t in reply.choices[0].logprobs.content)
+
+
+def test_what_only_vllm_offers_reaches_it(client: openai.OpenAI) -> None:
+    """n > 1 and tools, which meshnode's engine host refuses, are vLLM's to judge: the node
+    passes them on (Node.checks). vLLM serves n = 2, and answers tools itself: automatic
+    tool choice needs options this launch did not give it."""
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    reply = client.chat.completions.create(model=NAME, messages=messages,  # type: ignore[arg-type]
+                                           max_tokens=3, n=2, seed=1)
+    assert [c.index for c in reply.choices] == [0, 1]
+    tool = {"type": "function", "function": {
+        "name": "get_weather", "parameters": {"type": "object",
+                                              "properties": {"city": {"type": "string"}}}}}
+    with pytest.raises(openai.BadRequestError, match="--enable-auto-tool-choice"):
+        client.chat.completions.create(model=NAME, messages=messages,  # type: ignore[arg-type]
+                                       max_tokens=3, tools=[tool],  # type: ignore[list-item]
+                                       tool_choice="auto")
 
 
 def test_killed_server_is_restarted(vllm_node: NodeProcess, client: openai.OpenAI) -> None:

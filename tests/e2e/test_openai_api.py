@@ -115,6 +115,49 @@ def test_a_base_model_chats_with_a_template_given_at_launch(node: NodeProcess,
         urllib.request.urlopen(request, timeout=30).read()
 
 
+def test_a_launch_sets_the_context_window_and_refuses_more_than_the_model_has(
+        node: NodeProcess) -> None:
+    """`context_length` reaches the engine (a 512-token Gemma refuses a prompt the 8192-token
+    one serves); more than the model's window (read from the GGUF header for a file given by
+    path) or the node's max_context_length, or engine arguments for an engine that takes
+    none, is a 400 naming the field that launches nothing."""
+    gguf = node.data_dir / "models" / "gemma-3-270m-q4_k_m.gguf"
+    assert gguf.is_file(), sorted((node.data_dir / "models").iterdir())
+    before = get_json(node.url + "/v1/deployments")["data"]
+    for body, param, says in (
+            ({"model": BASE, "context_length": 40000}, "context_length",
+             "more than gemma-3-270m's context window of 32768 tokens"),
+            ({"model": str(gguf), "context_length": 40000}, "context_length",
+             "context window of 32768 tokens"),  # the file's header, not a guess
+            ({"model": BASE, "context_length": 16384}, "context_length",
+             "more than this node's max_context_length of 8192"),
+            ({"model": BASE, "engine_args": ["--max-num-seqs", "2"]}, "engine_args",
+             "the llama.cpp engine runs inside meshnode and takes none")):
+        status, answer = post_json(node.url + "/v1/deployments", {**body, "name": "refused"})
+        assert status == 400 and answer["error"]["param"] == param, answer
+        assert says in answer["error"]["message"], answer
+    assert get_json(node.url + "/v1/deployments")["data"] == before
+
+    status, view = post_json(node.url + "/v1/deployments",
+                             {"model": BASE, "name": "gemma-512", "context_length": 512})
+    assert status == 201 and view["context_length"] == 512, view
+    try:
+        node.wait_ready("gemma-512")
+        prompt = "one two three four five six seven eight nine ten " * 60  # ~600 tokens
+        status, answer = post_json(node.url + "/v1/completions",
+                                   {"model": "gemma-512", "prompt": prompt, "max_tokens": 1})
+        assert status == 400, answer
+        assert answer["error"]["code"] == "context_length_exceeded", answer
+        assert "512" in answer["error"]["message"], answer
+        status, answer = post_json(node.url + "/v1/completions",
+                                   {"model": BASE, "prompt": prompt, "max_tokens": 1})
+        assert status == 200 and answer["usage"]["prompt_tokens"] > 512, answer
+    finally:
+        request = urllib.request.Request(node.url + "/v1/deployments/gemma-512",
+                                         method="DELETE")
+        urllib.request.urlopen(request, timeout=30).read()
+
+
 def test_chat_content_parts(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
         model=CHAT, max_completion_tokens=8,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,9 @@ from meshnode.engines import (
     EngineLaunch,
     EngineProcess,
     EngineState,
+    InvalidRequest,
     SupervisorConfig,
+    check_engine_args,
     sglang,
     vllm,
 )
@@ -130,6 +133,34 @@ def test_chat_template_file_and_extra_args(tmp_path: Path) -> None:
         assert tuple(cmd.argv[-4:]) == extra  # last, so they can override ours
     assert flag(a.argv, "--chat-template") == flag(b.argv, "--chat-template")  # by content
     assert len(list((tmp_path / "converted" / "chat-templates").iterdir())) == 1
+
+
+@pytest.mark.parametrize(("engine", "args", "says"), [
+    ("vllm", ["--served-model-name", "x"], "gives --served-model-name"),
+    ("vllm", ["--served_model_name=x"], "gives --served-model-name"),  # underscores, =
+    ("vllm", ["--port=9"], "gives --port"),
+    ("vllm", ["--uds"], "gives --uds"),
+    ("vllm", ["--max-model", "4096"], "give --context-length"),  # an abbreviation
+    ("vllm", ["--chat-template", "t.jinja"], "give --chat-template"),
+    ("sglang", ["--model", "other"], "gives --model"),
+    ("sglang", ["--context-length", "9"], "give --context-length"),
+    ("vllm", ["--dtype", "a\0b"], "NUL"),
+    ("llama.cpp", ["--n-batch", "8"], "the llama.cpp engine runs inside meshnode"),
+    ("transformers", ["x"], "the transformers engine runs inside meshnode"),
+])
+def test_engine_arguments_that_would_cut_the_node_off_are_refused(
+        engine: str, args: list[str], says: str) -> None:
+    with pytest.raises(InvalidRequest, match=re.escape(says)) as caught:
+        check_engine_args(engine, args)
+    assert caught.value.param == "engine_args"
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+def test_engine_arguments_of_the_servers_own_pass(engine: str) -> None:
+    check_engine_args(engine, ["--max-num-seqs", "8", "--dtype=float16", "-tp", "2",
+                               "--model-impl", "vllm", "--chat-template-content-format",
+                               "string", "--max-num-batched-tokens", "4096"])
+    check_engine_args("llama.cpp", [])  # nothing to pass is fine anywhere
 
 
 def test_command_for_dispatches_to_the_adapters(tmp_path: Path) -> None:

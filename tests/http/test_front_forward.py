@@ -46,6 +46,9 @@ class FakeNode:
     def abilities(self, name: str) -> tuple[str, ...]:
         return ("chat", "completion")
 
+    def checks(self, name: str) -> bool:
+        return True  # an engine-host model
+
     def route(self, name: str, key: bytes, prefix: bool = True
               ) -> tuple[list[Target], int, str]:
         if not self.targets:

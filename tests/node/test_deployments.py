@@ -140,3 +140,17 @@ def test_abilities_travel_with_the_entry_and_older_entries_decode_without_them()
         name: str
         model: str
     assert msgspec.msgpack.decode(encode_entries(table), type=list[Older])[0].name == "x"
+
+
+def test_engine_args_travel_with_the_entry_and_restart_a_replica_that_has_others() -> None:
+    """Engine arguments are part of what a replica runs (Deployment.shape): the same
+    deployment with other arguments is a new replica; an older entry decodes with ()."""
+    table = DeploymentTable()
+    table.put(dep("x", 1, engine="vllm", engine_args=("--max-num-seqs", "8")))
+    entry = decode_entries(encode_entries(table))[0]
+    assert entry.engine_args == ("--max-num-seqs", "8")
+    assert entry.shape != msgspec.structs.replace(entry, engine_args=()).shape
+    assert entry.shape == msgspec.structs.replace(entry, replicas=3).shape
+    older = msgspec.msgpack.encode([{k: v for k, v in msgspec.to_builtins(dep("y", 1)).items()
+                                     if k != "engine_args"}])
+    assert decode_entries(older)[0].engine_args == ()
