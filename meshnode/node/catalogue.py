@@ -18,8 +18,8 @@ import msgspec
 
 from .errors import InvalidDeployment, ModelNotFound, NodeError
 
-__all__ = ["CATALOGUE", "ModelSource", "ModelSpec", "deployment_spec", "find_spec",
-           "is_model_path", "locate", "size_mb"]
+__all__ = ["CATALOGUE", "ModelSource", "ModelSpec", "context_window", "deployment_spec",
+           "find_spec", "is_model_path", "locate", "size_mb"]
 
 Ability = Literal["chat", "completion", "embed", "rerank"]
 
@@ -121,6 +121,25 @@ def find_spec(model: str) -> ModelSpec:
     known = ", ".join(sorted(CATALOGUE))
     raise ModelNotFound(f"unknown model {model!r}: known models are {known}; "
                         "or give the path of a local .gguf file")
+
+
+def context_window(spec: ModelSpec, asked: int | None, cap: int) -> int:
+    """A launch's context window: the model's, capped at the node's max_context_length
+    (`cap`); one `asked` for beyond either is refused (InvalidDeployment), not cut."""
+    if asked is None:
+        return min(spec.context_length, cap)
+    if asked > spec.context_length:
+        raise InvalidDeployment(
+            f"context_length {asked} is more than {spec.name}'s context window of "
+            f"{spec.context_length} tokens: give at most {spec.context_length}",
+            param="context_length")
+    if asked > cap:
+        raise InvalidDeployment(
+            f"context_length {asked} is more than this node's max_context_length of {cap} "
+            f"tokens (the KV cache grows with it): give at most {cap}, or raise "
+            "max_context_length (meshnode.toml or MESHNODE_MAX_CONTEXT_LENGTH) on the node "
+            "you launch from", param="context_length")
+    return asked
 
 
 def deployment_spec(model: str, name: str, context_length: int,

@@ -39,7 +39,7 @@ from meshnode.mesh.crypto_errors import RevocationError, SecurityError
 from meshnode.mesh.identity import NodeIdentity
 
 from . import engine_choice, placement
-from .catalogue import ModelSpec, deployment_spec, find_spec, valid_name
+from .catalogue import context_window, deployment_spec, find_spec, valid_name
 from .chat_template import check_chat_template
 from .cluster import Cluster, MemberView, NodeLoad, NodeMeta, node_load
 from .config import NodeConfig
@@ -383,25 +383,6 @@ class Node:
 
     # deployments ------------------------------------------------------------------------
 
-    def _context_length(self, asked: int | None, spec: ModelSpec) -> int:
-        """A launch's context window: the model's, capped at max_context_length; one asked
-        for beyond either is refused rather than cut."""
-        cap = self.config.max_context_length
-        if asked is None:
-            return min(spec.context_length, cap)
-        if asked > spec.context_length:
-            raise InvalidDeployment(
-                f"context_length {asked} is more than {spec.name}'s context window of "
-                f"{spec.context_length} tokens: give at most {spec.context_length}",
-                param="context_length")
-        if asked > cap:
-            raise InvalidDeployment(
-                f"context_length {asked} is more than this node's max_context_length of {cap} "
-                f"tokens (the KV cache grows with it): give at most {cap}, or raise "
-                "max_context_length (meshnode.toml or MESHNODE_MAX_CONTEXT_LENGTH) on the node "
-                "you launch from", param="context_length")
-        return asked
-
     async def launch(self, request: LaunchRequest) -> DeploymentView:
         """Validate (model, name, an engine some live node has), write it, let placement go."""
         if request.chat_template is not None:
@@ -415,7 +396,7 @@ class Node:
         assert self.hardware is not None
         engine = engine_choice.choose(spec, request.engine, self.engines, self.hardware, {
             e for _, meta, _ in self.peers.peers(PLACEMENT_STATES) for e in meta.engines}).engine
-        context = self._context_length(request.context_length, spec)
+        context = context_window(spec, request.context_length, self.config.max_context_length)
         try:
             check_engine_args(engine, request.engine_args)
         except InvalidRequest as exc:
