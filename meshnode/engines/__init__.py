@@ -13,10 +13,10 @@ from .errors import (
     EngineUnsupported,
     InvalidRequest,
 )
-from .launch import ENGINE_NAMES, SERVER_ENGINES, EngineLaunch
+from .launch import ENGINE_NAMES, EngineLaunch
 from .process import EngineProcess, EngineState, SupervisorConfig
 from .select import EngineOption, Hardware, choose_engine, detect_hardware, probe_engines
-from .servers import Command, check_engine_args, command_for
+from .servers import SERVER_ENGINES, Command, check_engine_args, command_for
 from .schema import (
     ChatCompletionRequest,
     ChatMessage,

@@ -34,7 +34,10 @@ import sys
 import threading
 import time
 
-__all__ = ["launcher_argv", "private_tmp_dir", "template_file"]
+__all__ = ["REACH", "launcher_argv", "private_tmp_dir", "template_file"]
+
+REACH = "the node sets it to reach the server"
+"""Why an option of a server's command line is the node's own (an adapter's RESERVED)."""
 
 # Runs this file as __main__ without putting its folder on sys.path (which would shadow
 # `select`, `vllm` and `transformers` with this package's modules of the same name).

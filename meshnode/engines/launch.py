@@ -7,13 +7,10 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-__all__ = ["EngineLaunch", "ENGINE_NAMES", "SERVER_ENGINES"]
+__all__ = ["EngineLaunch", "ENGINE_NAMES"]
 
 # Names used by --engine, the deployments API and the engine query.
 ENGINE_NAMES = ("llama.cpp", "transformers", "vllm", "sglang", "mlx")
-SERVER_ENGINES = ("vllm", "sglang")
-"""Engines that run their own OpenAI server: it judges each request (and offers what our
-engine host does not: logprobs, tools, n > 1, ...) and takes its own command-line options."""
 
 
 class EngineLaunch(msgspec.Struct, frozen=True, kw_only=True):

@@ -17,42 +17,27 @@ from collections.abc import Sequence
 import msgspec
 
 from .errors import InvalidRequest
-from .launch import SERVER_ENGINES, EngineLaunch
+from .launch import EngineLaunch
 
-__all__ = ["Command", "EXTERNAL", "check_engine_args", "command_for"]
+__all__ = ["Command", "EXTERNAL", "SERVER_ENGINES", "check_engine_args", "command_for"]
 
 # Engines that run their own server: name -> (module, function(launch, socket_path) -> Command)
 EXTERNAL = {
     "vllm": ("meshnode.engines.vllm", "server_command"),
     "sglang": ("meshnode.engines.sglang", "server_command"),
 }
-assert tuple(EXTERNAL) == SERVER_ENGINES
-
-# Options of a server's command line that the node sets itself, and what to use instead.
-# `--flag value`, `--flag=value`, `--flag_name` (both servers accept underscores) and an
-# abbreviation (argparse takes any unambiguous prefix) all count.
-_LINK = "the node sets it to reach the server"
-RESERVED: dict[str, dict[str, str]] = {
-    "vllm": {
-        "--model": "give the model to launch", "--served-model-name": "give --name",
-        "--uds": _LINK, "--host": _LINK, "--port": _LINK, "--api-key": _LINK,
-        "--root-path": _LINK, "--ssl-keyfile": _LINK, "--ssl-certfile": _LINK,
-        "--max-model-len": "give --context-length", "--chat-template": "give --chat-template",
-    },
-    "sglang": {
-        "--model-path": "give the model to launch", "--model": "give the model to launch",
-        "--served-model-name": "give --name", "--host": _LINK, "--port": _LINK,
-        "--api-key": _LINK, "--ssl-keyfile": _LINK, "--ssl-certfile": _LINK,
-        "--context-length": "give --context-length", "--chat-template": "give --chat-template",
-    },
-}
+SERVER_ENGINES = tuple(EXTERNAL)
+"""Engines that run their own OpenAI server: it judges each request (and offers what our
+engine host does not: logprobs, tools, n > 1, ...) and takes its own command-line options."""
 
 
 def check_engine_args(engine: str, args: Sequence[str]) -> None:
     """InvalidRequest (param engine_args) unless `args` can be added to `engine`'s server
     command line: only vLLM and SGLang run a server of their own (the other engines run in
     meshnode's engine host, whose options are the launch's fields), and no argument may
-    give an option the node sets itself (RESERVED)."""
+    give an option the node sets itself (the adapter's RESERVED). `--flag value`,
+    `--flag=value`, `--flag_name` (both servers accept underscores) and an abbreviation
+    (argparse takes any unambiguous prefix) all count."""
     if not args:
         return
     if engine not in EXTERNAL:
@@ -60,7 +45,7 @@ def check_engine_args(engine: str, args: Sequence[str]) -> None:
             f"engine arguments go on the command line of the vllm and sglang servers; the "
             f"{engine} engine runs inside meshnode and takes none: remove them, or launch "
             "with --engine vllm or sglang", param="engine_args")
-    reserved = RESERVED[engine]
+    reserved: dict[str, str] = importlib.import_module(EXTERNAL[engine][0]).RESERVED
     for arg in args:
         if "\0" in arg:
             raise InvalidRequest("an engine argument holds a NUL character",

@@ -22,11 +22,20 @@ import os
 import socket
 import sys
 
-from .external import launcher_argv, private_tmp_dir, template_file
+from .external import REACH, launcher_argv, private_tmp_dir, template_file
 from .launch import EngineLaunch
 from .servers import Command
 
-__all__ = ["free_port", "server_command"]
+__all__ = ["RESERVED", "free_port", "server_command"]
+
+RESERVED = {
+    "--model-path": "give the model to launch",  # and its alias --model, a prefix of it
+    "--served-model-name": "give --name", "--host": REACH, "--port": REACH,
+    "--api-key": REACH, "--ssl-keyfile": REACH, "--ssl-certfile": REACH,
+    "--context-length": "give --context-length", "--chat-template": "give --chat-template",
+}
+"""Options of SGLang's command line that server_command sets (or that no node-reached server
+may take), and what to give instead: refused as engine arguments (check_engine_args)."""
 
 HOST = "127.0.0.1"
 

@@ -26,11 +26,20 @@ import math
 import os
 import sys
 
-from .external import launcher_argv, private_tmp_dir, template_file
+from .external import REACH, launcher_argv, private_tmp_dir, template_file
 from .launch import EngineLaunch
 from .servers import Command
 
-__all__ = ["kv_cache_gib", "on_gpu", "server_command"]
+__all__ = ["RESERVED", "kv_cache_gib", "on_gpu", "server_command"]
+
+RESERVED = {
+    "--model": "give the model to launch", "--served-model-name": "give --name",
+    "--uds": REACH, "--host": REACH, "--port": REACH, "--api-key": REACH,
+    "--root-path": REACH, "--ssl-keyfile": REACH, "--ssl-certfile": REACH,
+    "--max-model-len": "give --context-length", "--chat-template": "give --chat-template",
+}
+"""Options of vLLM's command line that server_command sets (or that no node-reached server
+may take), and what to give instead: refused as engine arguments (check_engine_args)."""
 
 
 def on_gpu(launch: EngineLaunch) -> bool:
